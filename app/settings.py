@@ -1,0 +1,122 @@
+"""Typed settings from ``CHATSPACE_*`` environment variables.
+
+With nothing set, everything runs on one machine under one data directory (the embedded
+default): a SQLite database file, a kombu ``filesystem://`` broker that needs no server, a
+local artifact folder, the shipped sample datasets and a tiny generated model. Setting
+``CHATSPACE_DATABASE_URL``, ``CHATSPACE_BROKER_URL`` and ``CHATSPACE_S3_BUCKET`` (plus the
+other ``CHATSPACE_S3_*``) switches to Postgres, Redis and S3/MinIO; nothing else changes.
+
+Nothing is read at import time: call :func:`get_settings` (cached per process; tests call
+``get_settings.cache_clear()`` after changing the environment).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class S3Settings(BaseSettings):
+    """S3 / MinIO artifact store. Used when ``bucket`` is set; else the local folder."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATSPACE_S3_", extra="ignore")
+
+    endpoint_url: str | None = None  # e.g. http://minio:9000 ; None = AWS
+    region: str = "us-east-1"
+    bucket: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    path_style: bool = True  # MinIO needs path-style addressing
+    multipart_threshold_mb: int = 64
+    connect_timeout_s: float = 5.0
+    max_attempts: int = 5  # botocore retries per request
+    upload_retry_s: float = 120.0  # how long an upload keeps retrying before StorageError
+
+
+class EngineSettings(BaseSettings):
+    """How a worker starts its vLLM steering engine."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATSPACE_ENGINE_", extra="ignore")
+
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = True  # forward hooks do not fire under torch.compile
+    max_num_seqs: int = 256
+    tensor_parallel_size: int = 1
+    oom_min_batch: int = 1  # OOM retries halve the batch down to this floor
+    memory_slack_mb: int = 512  # GPU memory above baseline tolerated after cleanup
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATSPACE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.cwd() / ".chatspace")
+    database_url: str | None = None
+    broker_url: str | None = None
+    datasets_root: str | None = None  # local folder or s3://bucket/prefix ; None = shipped samples
+    artifacts_prefix: str = "chatspace"
+
+    default_model: str = "tiny:qwen3"
+    default_dtype: str = "float32"
+    # Models a job may name; empty = any model (a worker pool must exist to run it).
+    allowed_models: list[str] = Field(default_factory=list)
+
+    api_url: str | None = None  # the CLI talks HTTP to this API when set
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_tokens: list[SecretStr] = Field(default_factory=list)  # bearer tokens; empty = no auth
+    api_token: SecretStr | None = None  # the token the CLI sends
+
+    heartbeat_s: float = 5.0
+    lease_s: float = 60.0  # an item's lease; heartbeats extend it, the reaper expires it
+    worker_stale_s: float = 30.0  # a worker silent this long is dead
+    max_item_attempts: int = 3
+
+    s3: S3Settings = Field(default_factory=S3Settings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'chatspace.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def broker_transport_options(self) -> dict:
+        if self.broker_url:
+            return {}
+        folder = self.data_dir / "broker"
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def models_dir(self) -> Path:
+        """Where generated tiny models live."""
+        return self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
