@@ -1,0 +1,202 @@
+"""GPU pinning, memory readings, cleanup between jobs, orphan engines, OOM classification.
+
+Memory is read through NVML (or ``nvidia-smi``) rather than ``torch.cuda``: the worker process
+itself must not create a CUDA context (vLLM runs the model in its own engine-core process),
+and NVML sees memory held by every process on the device, which is what "the GPU is clean"
+means. On a machine with no GPU every reading is ``None`` and cleanup checks pass trivially.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+WORKER_ENV = "CHATSPACE_WORKER_NAME"  # inherited by the engine processes a worker starts
+ENGINE_PROC_MARKERS = ("VLLM::EngineCore", "VLLM::Worker", "EngineCore")
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    used: int  # bytes in use on the device, all processes
+    total: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+    def as_dict(self) -> dict:
+        return {"used": self.used, "total": self.total, "free": self.free}
+
+
+def physical_gpus() -> list[str]:
+    """Indices of the GPUs this machine has (ignores CUDA_VISIBLE_DEVICES)."""
+    out = _nvidia_smi(["--query-gpu=index", "--format=csv,noheader,nounits"])
+    return [line.strip() for line in out.splitlines() if line.strip()] if out else []
+
+
+def visible_gpus() -> list[str]:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else every physical GPU."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    return physical_gpus()
+
+
+def pinned_env(gpu: str | None, base: dict | None = None) -> dict:
+    """Environment for a worker process pinned to one GPU (or to none: CPU engine)."""
+    env = dict(os.environ if base is None else base)
+    env["CUDA_VISIBLE_DEVICES"] = "" if gpu is None else str(gpu)
+    return env
+
+
+def memory(gpu: str | None) -> MemoryReading | None:
+    """Device-wide memory of one physical GPU, or None without a GPU."""
+    if gpu is None or gpu == "":
+        return None
+    try:
+        import pynvml  # nvidia-ml-py, present wherever vLLM for CUDA is installed
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return MemoryReading(used=int(info.used), total=int(info.total))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - fall back to the CLI tool
+        pass
+    out = _nvidia_smi(["-i", str(gpu), "--query-gpu=memory.used,memory.total",
+                       "--format=csv,noheader,nounits"])
+    if not out:
+        return None
+    used, total = (int(float(x)) * 1024 * 1024 for x in out.strip().splitlines()[0].split(","))
+    return MemoryReading(used=used, total=total)
+
+
+def wait_for_baseline(gpu: str | None, baseline: MemoryReading | None, *, slack_bytes: int,
+                      timeout_s: float = 30.0) -> tuple[bool, MemoryReading | None]:
+    """Poll until device memory is back within ``slack_bytes`` of ``baseline``.
+
+    Freed memory shows up in NVML only after the owning process exits or calls into the
+    driver, so a short poll avoids restarting an engine that was about to be clean.
+    """
+    if baseline is None:
+        return True, None
+    deadline = time.monotonic() + timeout_s
+    reading = memory(gpu)
+    while reading is not None and reading.used > baseline.used + slack_bytes:
+        if time.monotonic() > deadline:
+            return False, reading
+        time.sleep(0.5)
+        reading = memory(gpu)
+    return True, reading
+
+
+def free_process_memory() -> None:
+    """Drop what this process holds: Python garbage and, if CUDA is initialised, torch's cache."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:  # noqa: BLE001 - cleanup must never raise
+        log.debug("torch cache cleanup skipped", exc_info=True)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for out-of-memory errors, however vLLM or torch wrapped them."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if name in ("OutOfMemoryError", "EngineOOMError", "EngineOOM"):
+            return True
+        text = str(exc).lower()
+        if "out of memory" in text or "cuda error: out of memory" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def engine_processes(worker_name: str | None = None) -> list:
+    """vLLM engine processes on this host (optionally only those a given worker started)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "ppid"]):
+        try:
+            title = " ".join(proc.info.get("cmdline") or []) + " " + (proc.info.get("name") or "")
+            if not any(m in title for m in ENGINE_PROC_MARKERS):
+                continue
+            if worker_name is not None and proc.environ().get(WORKER_ENV) != worker_name:
+                continue
+            found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def orphan_engines(worker_name: str) -> list:
+    """Engine processes started by a (dead) worker of this name whose parent is gone."""
+    import psutil
+
+    orphans = []
+    for proc in engine_processes(worker_name):
+        try:
+            parent = proc.parent()
+            if parent is None or parent.pid == 1 or not _is_worker_process(parent, worker_name):
+                orphans.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return orphans
+
+
+def kill_processes(procs, *, grace_s: float = 10.0) -> list[int]:
+    """SIGTERM, then SIGKILL what is still alive after ``grace_s``. Returns the pids ended."""
+    import psutil
+
+    pids = []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+            pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    return pids
+
+
+def _is_worker_process(proc, worker_name: str) -> bool:
+    try:
+        return proc.environ().get(WORKER_ENV) == worker_name and not any(
+            m in " ".join(proc.cmdline()) for m in ENGINE_PROC_MARKERS)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _nvidia_smi(args: list[str]) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
