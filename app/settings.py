@@ -43,6 +43,9 @@ class EngineSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CHATSPACE_ENGINE_", extra="ignore")
 
+    # vllm = the steering engine; hf = the transformers backend (no vLLM needed, slower);
+    # auto = vllm when it imports, else hf.
+    backend: str = "auto"
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = True  # forward hooks do not fire under torch.compile
@@ -76,6 +79,10 @@ class Settings(BaseSettings):
     lease_s: float = 60.0  # an item's lease; heartbeats extend it, the reaper expires it
     worker_stale_s: float = 30.0  # a worker silent this long is dead
     max_item_attempts: int = 3
+    # Redis re-delivers an unacked task after this long; it must outlast the longest job
+    # (late acks). Postgres leases, not the broker, guard against a second run.
+    broker_visibility_timeout_s: float = 7 * 24 * 3600.0
+    reaper_interval_s: float = 15.0  # how often each worker reaps dead workers and re-enqueues
 
     s3: S3Settings = Field(default_factory=S3Settings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
@@ -98,13 +105,14 @@ class Settings(BaseSettings):
         if self.broker_url:
             return {}
         folder = self.data_dir / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            "control_folder": str(folder / "control"),  # fanout tables (remote control)
         }
 
     @property
