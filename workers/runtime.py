@@ -1,0 +1,187 @@
+"""The warm engine a worker process keeps across jobs, and the GPU hygiene around it.
+
+One :class:`EngineRuntime` per worker process (one GPU). It loads the engine for a job's
+(model, dtype) and keeps it warm for the next job; a job for another model shuts the old
+engine down *fully* (its engine-core processes gone, GPU memory back to the empty baseline)
+before the new one loads, so two models never share a GPU by accident.
+
+Two baselines, read through NVML (device-wide, every process):
+- ``empty``: before any engine loads. After an engine shutdown memory must come back here;
+  if it does not, leftover engine processes of this worker are killed.
+- ``warm``: right after the engine loaded. After every job (and every failure) the job's
+  memory is freed and the reading must come back within ``engine.memory_slack_mb`` of it;
+  otherwise the engine is restarted before the next job runs on a dirty GPU.
+On a CPU-only host both readings are ``None`` and the checks pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from app.settings import Settings
+from workers import gpu
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict], None]  # (kind, data) -> record it on the current job
+
+
+def resolve_model(model: str, settings: Settings) -> str:
+    """A job's model name -> what the engine loads (tiny:* models are generated locally)."""
+    if model.startswith("tiny:"):
+        from workers.engine.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(model, settings.models_dir))
+    return model
+
+
+def pick_backend(settings: Settings) -> str:
+    """``vllm`` or ``hf`` for ``engine.backend``; ``auto`` prefers vLLM when it imports."""
+    choice = settings.engine.backend.lower()
+    if choice not in ("auto", "vllm", "hf"):
+        raise ValueError(f"CHATSPACE_ENGINE_BACKEND={choice!r}: use auto, vllm or hf")
+    if choice != "auto":
+        return choice
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "no vLLM here"
+        return "hf"
+    return "vllm"
+
+
+def load_engine(model: str, dtype: str, settings: Settings):
+    """Start an engine for (model, dtype) with the configured backend."""
+    path = resolve_model(model, settings)
+    e = settings.engine
+    if pick_backend(settings) == "vllm":
+        from workers.engine.engine import SteeringEngine
+
+        return SteeringEngine(
+            path, dtype=dtype, max_model_len=e.max_model_len,
+            gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+            max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size)
+    from workers.engine.hf import HFBackend
+
+    return HFBackend(path, dtype=dtype)
+
+
+class EngineRuntime:
+    """Holds at most one engine; thread-safe reads of its state for the heartbeat thread."""
+
+    def __init__(self, *, worker_name: str, gpu_index: str | None, settings: Settings,
+                 loader: Callable[[str, str, Settings], object] = load_engine):
+        self.worker_name = worker_name
+        self.gpu = gpu_index or None
+        self.settings = settings
+        self._loader = loader
+        self._lock = threading.RLock()
+        self.engine = None
+        self.model: str | None = None
+        self.dtype: str | None = None
+        self.state = "idle"  # idle | loading | busy | cleaning
+        self.baseline_empty = gpu.memory(self.gpu)
+        self.baseline_warm = None
+        self.restarts = 0
+
+    @property
+    def slack_bytes(self) -> int:
+        return int(self.settings.engine.memory_slack_mb) * 1024 * 1024
+
+    def model_info(self) -> dict:
+        eng = self.engine
+        if eng is None:
+            return {}
+        return {"num_layers": int(eng.num_layers), "hidden_size": int(eng.hidden_size)}
+
+    def memory(self) -> dict | None:
+        reading = gpu.memory(self.gpu)
+        return reading.as_dict() if reading else None
+
+    def acquire(self, model: str, dtype: str, *, on_event: EventSink | None = None):
+        """The warm engine for (model, dtype); loads it, switching models if needed."""
+        with self._lock:
+            if self.engine is not None and (self.model, self.dtype) == (model, dtype):
+                return self.engine
+            if self.engine is not None:
+                if on_event:
+                    on_event("engine_switch", {"from": f"{self.model}/{self.dtype}",
+                                               "to": f"{model}/{dtype}"})
+                self.shutdown()
+            self.state = "loading"
+            log.info("worker %s loading %s (%s)", self.worker_name, model, dtype)
+            self.engine = self._loader(model, dtype, self.settings)
+            self.model, self.dtype = model, dtype
+            gpu.free_process_memory()
+            self.baseline_warm = gpu.memory(self.gpu)
+            self.state = "idle"
+            return self.engine
+
+    def cleanup(self, *, on_event: EventSink | None = None) -> dict:
+        """After a job or a failure: free, check memory against the warm baseline, restart
+        the engine if it did not come back. Returns the figures (recorded by the caller)."""
+        with self._lock:
+            self.state = "cleaning"
+            try:
+                gpu.free_process_memory()
+                clean, reading = gpu.wait_for_baseline(
+                    self.gpu, self.baseline_warm if self.engine is not None else self.baseline_empty,
+                    slack_bytes=self.slack_bytes, timeout_s=10.0)
+                figures = {"clean": clean, "memory": reading.as_dict() if reading else None,
+                           "baseline": self.baseline_warm.as_dict() if self.baseline_warm else None}
+                if not clean and self.engine is not None:
+                    self.restart(reason="memory above baseline after job", figures=figures,
+                                 on_event=on_event)
+                    figures["restarted"] = True
+                return figures
+            finally:
+                self.state = "idle"
+
+    def restart(self, *, reason: str, figures: dict | None = None,
+                on_event: EventSink | None = None) -> None:
+        """Shut the engine down fully and load the same model again."""
+        with self._lock:
+            model, dtype = self.model, self.dtype
+            log.warning("worker %s restarting engine: %s", self.worker_name, reason)
+            if on_event:
+                on_event("engine_restart", {"reason": reason, "worker": self.worker_name,
+                                            **(figures or {})})
+            self.restarts += 1
+            self.shutdown()
+            if model is not None:
+                self.acquire(model, dtype)
+
+    def shutdown(self) -> None:
+        """Stop the engine and make sure none of its processes outlive it."""
+        with self._lock:
+            eng, self.engine = self.engine, None
+            self.model = self.dtype = None
+            self.baseline_warm = None
+            if eng is not None:
+                try:
+                    eng.shutdown()
+                except Exception:  # noqa: BLE001 - a broken engine must still be cleared
+                    log.exception("engine shutdown raised; killing its processes")
+            del eng
+            gpu.free_process_memory()
+            clean, _ = gpu.wait_for_baseline(self.gpu, self.baseline_empty,
+                                             slack_bytes=self.slack_bytes, timeout_s=20.0)
+            leftovers = [p for p in gpu.engine_processes(self.worker_name)
+                         if _is_descendant(p)]
+            if leftovers or not clean:
+                pids = gpu.kill_processes(leftovers)
+                if pids:
+                    log.warning("killed leftover engine processes %s", pids)
+
+
+def _is_descendant(proc) -> bool:
+    """True when ``proc`` was started by this worker process (its engine cores)."""
+    import os
+
+    import psutil
+
+    try:
+        return any(p.pid == os.getpid() for p in proc.parents())
+    except psutil.Error:
+        return False
