@@ -12,8 +12,17 @@ from app.storage.local import LocalStore
 from app.storage.s3 import S3Store
 from app.storage.s3_client import s3_client
 
-__all__ = ["ArtifactStore", "StoredObject", "LocalStore", "S3Store", "get_store", "s3_client",
-           "StorageError", "ChecksumMismatch", "MANIFEST_NAME"]
+__all__ = [
+    "MANIFEST_NAME",
+    "ArtifactStore",
+    "ChecksumMismatch",
+    "LocalStore",
+    "S3Store",
+    "StorageError",
+    "StoredObject",
+    "get_store",
+    "s3_client",
+]
 
 
 def get_store(settings=None) -> ArtifactStore:

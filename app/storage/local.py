@@ -12,9 +12,9 @@ import json
 import os
 import shutil
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from app.errors import ArtifactNotFound, StorageError
 from app.storage.base import ArtifactStore, StoredObject, split_listing
@@ -61,7 +61,7 @@ class LocalStore(ArtifactStore):
         side = self._read_sidecar(key)
         return StoredObject(
             key=key, size=st.st_size, sha256=side.get("sha256"), etag=None,
-            last_modified=datetime.fromtimestamp(st.st_mtime, tz=timezone.utc),
+            last_modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
             meta=side.get("meta", {}),
         )
 

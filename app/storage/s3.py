@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from app.errors import ArtifactNotFound, ChatspaceError, StorageError
 from app.storage.base import RESERVED, ArtifactStore, StoredObject
@@ -162,8 +163,8 @@ class S3Store(ArtifactStore):
         return self._object(key, resp)
 
     def _put_bytes(self, key, data, sha256, content_type, meta, overwrite) -> bool:
-        args = dict(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
-                    Metadata={**meta, "sha256": sha256})
+        args = {"Bucket": self.bucket, "Key": key, "Body": data, "ContentType": content_type,
+                "Metadata": {**meta, "sha256": sha256}}
         if not overwrite:
             args["IfNoneMatch"] = "*"  # create-only: a racing writer gets 412, not a clobber
         try:

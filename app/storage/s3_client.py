@@ -20,7 +20,7 @@ def _secret(value: Any) -> str | None:
     return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
 
 
-def s3_client(s3_settings: "S3Settings | Settings"):
+def s3_client(s3_settings: S3Settings | Settings):
     """Return a boto3 S3 client for ``s3_settings`` (an ``S3Settings``, or ``Settings``).
 
     Credentials left unset fall back to boto3's usual chain (env, profile, instance role).
@@ -35,7 +35,7 @@ def s3_client(s3_settings: "S3Settings | Settings"):
         s3={"addressing_style": "path" if s3.path_style else "auto"},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        retries={"max_attempts": max(1, int(s3.max_attempts)), "mode": "standard"},
+        retries={"total_max_attempts": max(1, int(s3.max_attempts)), "mode": "standard"},
         connect_timeout=s3.connect_timeout_s,
         read_timeout=max(s3.connect_timeout_s, 60.0),
     )
