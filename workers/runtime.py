@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from app.settings import Settings
 from workers import gpu
@@ -161,7 +161,7 @@ class EngineRuntime:
             if eng is not None:
                 try:
                     eng.shutdown()
-                except Exception:  # noqa: BLE001 - a broken engine must still be cleared
+                except Exception:
                     log.exception("engine shutdown raised; killing its processes")
             del eng
             gpu.free_process_memory()

@@ -1,0 +1,170 @@
+"""Starting workers: one Celery worker process per GPU, and a local one for the embedded mode.
+
+``run_worker`` is what ``chatspace-jobs worker`` calls. It starts one ``celery worker``
+process per visible GPU (or per GPU named), each with ``CUDA_VISIBLE_DEVICES`` pinned to its
+GPU and ``--pool=solo``: vLLM starts its engine with multiprocessing spawn, which a prefork
+child (daemonic) cannot do, and one process per GPU keeps one warm engine per GPU. On a host
+without GPUs it starts one worker with the CPU engine. The parent waits for its children and
+forwards SIGINT/SIGTERM so they shut down warmly (the current job finishes its batch and its
+item goes back to the queue through the lease).
+
+What each worker process does at start (orphan engines, heartbeats, reaper, idle exit) lives
+in :mod:`workers.lifecycle`; it is configured through the ``CHATSPACE_WORKER_*`` variables
+set here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.queues import ANY_QUEUE, queue_name
+from app.settings import get_settings
+from workers import gpu
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_MODEL = "CHATSPACE_WORKER_MODEL"
+ENV_DTYPE = "CHATSPACE_WORKER_DTYPE"
+ENV_GPU = "CHATSPACE_WORKER_GPU"
+ENV_MAX_JOBS = "CHATSPACE_WORKER_MAX_JOBS"
+ENV_EXIT_WHEN_IDLE = "CHATSPACE_WORKER_EXIT_WHEN_IDLE"
+ENV_QUEUES = "CHATSPACE_WORKER_QUEUES"
+
+
+def worker_queues(model: str | None, dtype: str | None, queues: list[str] | None = None) -> list[str]:
+    """The queues a worker consumes: its (model, dtype) pool, or the any-model queue."""
+    out = list(queues or [])
+    if model:
+        out.append(queue_name(model, dtype or get_settings().default_dtype))
+    else:
+        out.append(ANY_QUEUE)
+    return list(dict.fromkeys(out))
+
+
+def _split(value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.split(",")
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def worker_command(*, name: str, queues: list[str], loglevel: str = "INFO") -> list[str]:
+    """The ``celery worker`` command line for one pinned worker process."""
+    from workers.control import nodename
+
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+            "--pool=solo", "--concurrency=1", "-Q", ",".join(queues), "-n", nodename(name),
+            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
+
+
+def worker_env(*, name: str, gpu_index: str | None, model: str | None, dtype: str | None,
+               queues: list[str], max_jobs: int | None, exit_when_idle: bool) -> dict:
+    env = gpu.pinned_env(gpu_index)
+    env[gpu.WORKER_ENV] = name
+    env[ENV_GPU] = "" if gpu_index is None else str(gpu_index)
+    env[ENV_MODEL] = model or ""
+    env[ENV_DTYPE] = dtype or ""
+    env[ENV_QUEUES] = ",".join(queues)
+    env[ENV_MAX_JOBS] = "" if not max_jobs else str(int(max_jobs))
+    env[ENV_EXIT_WHEN_IDLE] = "1" if exit_when_idle else ""
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def spawn_worker(*, name: str, gpu_index: str | None = None, model: str | None = None,
+                 dtype: str | None = None, queues: list[str] | None = None,
+                 max_jobs: int | None = None, exit_when_idle: bool = False,
+                 stdout=None, stderr=None) -> subprocess.Popen:
+    """Start one pinned worker process (returns at once)."""
+    qs = worker_queues(model, dtype, queues)
+    env = worker_env(name=name, gpu_index=gpu_index, model=model, dtype=dtype, queues=qs,
+                     max_jobs=max_jobs, exit_when_idle=exit_when_idle)
+    return subprocess.Popen(worker_command(name=name, queues=qs), env=env, cwd=str(ROOT),
+                            stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+def run_worker(*, model: str | None = None, dtype: str | None = None, gpus=None,
+               queues=None, name: str | None = None, max_jobs: int | None = None,
+               exit_when_idle: bool = False) -> int:
+    """Run one worker process per GPU until they exit; returns the worst exit status.
+
+    ``gpus``: GPU indices (list or comma string); default every visible GPU, none = CPU.
+    ``name``: base name; each process is ``<name>-gpu<i>`` (or ``<name>-cpu``), default the
+    host name. Worker names are stable across restarts so a new worker finds and ends the
+    engine processes a killed predecessor of the same name left behind.
+    """
+    settings = get_settings()
+    if model and not dtype:
+        dtype = settings.default_dtype
+    gpu_list = _split(gpus) if gpus is not None else gpu.visible_gpus()
+    base = name or socket.gethostname().split(".")[0]
+    slots = [(g, f"{base}-gpu{g}") for g in gpu_list] if gpu_list else [(None, f"{base}-cpu")]
+    procs = [spawn_worker(name=n, gpu_index=g, model=model, dtype=dtype, queues=_split(queues),
+                          max_jobs=max_jobs, exit_when_idle=exit_when_idle)
+             for g, n in slots]
+    log.info("started workers %s", ", ".join(n for _, n in slots))
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return max((abs(c) for c in codes), default=0)
+
+
+def run_local_until_idle(job_id: str | None = None, *, timeout_s: float | None = None,
+                         log_path: str | Path | None = None) -> int:
+    """Run a local worker (a real ``celery worker`` subprocess) until there is no work left.
+
+    The CLI's in-process mode calls this when no live worker serves a job's model: on the
+    embedded default (SQLite + filesystem broker) nothing else would run it. The worker
+    serves the job's (model, dtype) — or the default model's when ``job_id`` is None — on
+    this machine's first GPU or the CPU, and exits once no queued or running job is left
+    for it. Returns its exit status.
+    """
+    settings = get_settings()
+    model, dtype = settings.default_model, settings.default_dtype
+    if job_id is not None:
+        from app.db import session_scope
+        from app.models import Job
+
+        with session_scope() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise ValueError(f"job_id: no job {job_id!r}")
+            model, dtype = job.model, job.dtype
+    gpus = gpu.visible_gpus()
+    log_path = Path(log_path or settings.data_dir / "logs" / "local-worker.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = spawn_worker(name=f"{socket.gethostname().split('.')[0]}-local",
+                            gpu_index=gpus[0] if gpus else None, model=model, dtype=dtype,
+                            exit_when_idle=True, stdout=out, stderr=subprocess.STDOUT)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while proc.poll() is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.terminate()
+                    proc.wait(30)
+                    break
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            raise
+    return proc.returncode or 0

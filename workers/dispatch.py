@@ -1,0 +1,129 @@
+"""Getting jobs to workers: enqueue after commit, and a reconciler for lost messages.
+
+Postgres is the truth, the broker only a doorbell. :func:`enqueue_job` is called by the API
+after the job's transaction committed; it picks the queue (the job's (model, dtype) pool when
+a live worker serves it, else the any-model queue when an any-model worker is alive, else the
+pool's queue with a ``waiting`` event saying no live worker serves that model — the job is
+accepted and visibly waiting, not silently stuck). :func:`reconcile`, run by every worker's
+reaper, re-sends jobs that are queued or running with claimable items that no live worker
+holds — after a Redis flush or restart, a lost filesystem message, or a worker death — at
+most once per ``RESEND_AFTER_S`` per job. A duplicate message is harmless: items are taken
+with leases, never twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from app.queues import ANY_QUEUE, queue_name
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+RESEND_AFTER_S = 30.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    if ts is not None and ts.tzinfo is None:
+        return ts.replace(tzinfo=UTC)
+    return ts
+
+
+def live_workers(session) -> list:
+    from app.models import Worker
+    from sqlalchemy import select
+
+    cutoff = _now() - timedelta(seconds=get_settings().worker_stale_s)
+    return [w for w in session.execute(select(Worker)).scalars()
+            if w.state != "stopped" and _aware(w.last_heartbeat) and _aware(w.last_heartbeat) >= cutoff]
+
+
+def choose_queue(session, *, model: str, dtype: str) -> tuple[str, bool]:
+    """(queue, served): the pool queue if a live worker consumes it, else the any queue if an
+    any-model worker lives, else the pool queue with served=False."""
+    pool = queue_name(model, dtype)
+    workers = live_workers(session)
+    if any(pool in (w.queues or []) for w in workers):
+        return pool, True
+    if any(ANY_QUEUE in (w.queues or []) for w in workers):
+        return ANY_QUEUE, True
+    return pool, False
+
+
+def enqueue_job(job_id, *, reason: str = "submitted") -> str:
+    """Send the job's task to its queue (call after the job's row is committed)."""
+    from app.db import session_scope
+    from app.models import Job
+
+    from app import jobs
+    from workers.celery_app import RUN_JOB, get_app
+
+    job_id = str(job_id)
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise ValueError(f"job_id: no job {job_id!r}; commit it before enqueueing")
+        queue, served = choose_queue(s, model=job.model, dtype=job.dtype)
+        model, dtype = job.model, job.dtype
+    get_app().send_task(RUN_JOB, args=[job_id], queue=queue)
+    with session_scope() as s:
+        jobs.record_event(s, job_id=job_id, kind="enqueued", data={"queue": queue,
+                                                                    "reason": reason})
+        if not served:
+            jobs.record_event(s, job_id=job_id, kind="waiting", data={
+                "queue": queue, "message": f"no live worker serves {model} ({dtype}); the job "
+                f"waits in queue {queue} (start one: chatspace-jobs worker --model {model} "
+                f"--dtype {dtype})"})
+    log.info("job %s enqueued on %s (%s)", job_id, queue, reason)
+    return queue
+
+
+def pending_jobs(*, model: str | None, dtype: str | None) -> list[str]:
+    """Ids of queued/running jobs a worker of (model, dtype) could serve (None = any)."""
+    from app.db import session_scope
+    from app.models import Job
+    from sqlalchemy import select
+
+    with session_scope() as s:
+        q = select(Job.id).where(Job.state.in_(("queued", "running")))
+        if model:
+            q = q.where(Job.model == model)
+        if dtype:
+            q = q.where(Job.dtype == dtype)
+        return [str(x) for x in s.execute(q).scalars()]
+
+
+def reconcile() -> list[str]:
+    """Re-enqueue jobs with claimable items that no live worker holds. Returns their ids."""
+    from app.db import session_scope
+    from app.models import JobEvent
+    from sqlalchemy import select
+
+    from app import jobs
+
+    resent = []
+    with session_scope() as s:
+        candidates = [str(j) for j in jobs.jobs_needing_dispatch(s)]
+        recent = {}
+        if candidates:
+            rows = s.execute(select(JobEvent.job_id, JobEvent.created_at).where(
+                JobEvent.job_id.in_(candidates), JobEvent.kind == "enqueued")).all()
+            for jid, ts in rows:
+                ts = _aware(ts)
+                if str(jid) not in recent or ts > recent[str(jid)]:
+                    recent[str(jid)] = ts
+    cutoff = _now() - timedelta(seconds=RESEND_AFTER_S)
+    for job_id in candidates:
+        if recent.get(job_id) and recent[job_id] > cutoff:
+            continue
+        try:
+            enqueue_job(job_id, reason="reconciler")
+            resent.append(job_id)
+        except Exception:
+            log.exception("reconciler could not re-enqueue job %s", job_id)
+    return resent

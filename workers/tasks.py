@@ -1,0 +1,225 @@
+"""The one Celery task: run a job's items on this worker. Thin: ids in, states out.
+
+A task carries only a job id. It may be delivered twice (a Redis re-delivery, a reconciler
+re-enqueue, two workers on one queue): every item is taken with a Postgres lease
+(``claim_item``: SKIP LOCKED, attempt counter) and completed only by the holder of that
+attempt, so a duplicate task finds nothing to claim, or claims other personas of the same
+job in parallel, and never runs an item twice.
+
+Errors map to states here: OOM after the last halving → ``failed(oom)``; cancel → the item
+is released and the job ends ``cancelled``; anything else → the item is failed and retried
+up to ``max_item_attempts``, then the job is ``failed(error)``. After every job, and every
+failure, the engine runtime cleans up and checks GPU memory against its baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from app.errors import EngineOOM, InvalidTransition
+from workers.batching import JobCancelled
+
+log = logging.getLogger(__name__)
+
+
+def register(celery) -> None:
+    """Declare the task on an app (the app is built per settings, see celery_app)."""
+    from workers.celery_app import RUN_JOB
+
+    @celery.task(name=RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
+                 ignore_result=True)
+    def run_job(self, job_id: str) -> dict:
+        from workers import lifecycle
+
+        worker = lifecycle.current_worker()
+        if worker is None:  # not started through workers.cli: set up in-process
+            worker = lifecycle.start_worker_services()
+        return worker.run_job(str(job_id))
+
+
+def execute_job(job_id: str, *, worker) -> dict:
+    """Claim and run this job's items until none is left; finish the job if it is done."""
+    from app.db import session_scope
+    from app.models import Job
+
+    from app import jobs
+    from app.storage import get_store
+    from workers import pipeline
+    from workers.params import JobParams
+
+    settings = worker.settings
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            log.warning("job %s: not found; dropping the message", job_id)
+            return {"job_id": job_id, "ran": 0, "reason": "not found"}
+        if job.state not in ("queued", "running"):
+            return {"job_id": job_id, "ran": 0, "reason": f"job is {job.state}"}
+        kind, dataset, model, dtype = job.kind, job.dataset, job.model, job.dtype
+        params = JobParams.from_dict(job.params)
+
+    def event(kind_: str, data: dict) -> None:
+        with session_scope() as s:
+            jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
+
+    runtime = worker.runtime
+    engine = runtime.acquire(model, dtype, on_event=event)
+    store = get_store(settings)
+    ran = 0
+    try:
+        while True:
+            with session_scope() as s:
+                item = jobs.claim_item(s, job_id=job_id, worker=worker.name,
+                                       lease_s=settings.lease_s)
+                if item is None:
+                    break
+                item_id, attempt, persona = item.id, item.attempt, item.persona
+                done_key, done_sha = item.artifact_key, item.artifact_sha256
+            if done_key and done_sha and store.verify(done_key, done_sha):
+                _complete(job_id, item_id, attempt, worker.name, done_key, done_sha, info=None)
+                event("item_skipped", {"persona": persona, "artifact_key": done_key})
+                continue
+            ctx = pipeline.ItemContext(
+                job_id=job_id, kind=kind, dataset=dataset, persona=persona, model=model,
+                dtype=dtype, params=params, engine=engine, store=store, settings=settings,
+                gpu_index=runtime.gpu, on_event=event,
+                on_progress=_progress_writer(item_id, attempt),
+                should_cancel=_cancel_checker(job_id),
+                load_vector=lambda j, p, k, layer: load_vector(store, j, p, k, layer))
+            worker.busy(job_id)
+            try:
+                result = pipeline.run_item(ctx)
+            except JobCancelled:
+                with session_scope() as s:
+                    jobs.release_item(s, item_id=item_id, attempt=attempt, worker=worker.name)
+                break
+            except EngineOOM as exc:
+                _fail(job_id, item_id, attempt, worker.name, "oom", exc, requeue=False,
+                      batch_size=exc.batch_size, memory=exc.memory)
+                runtime.cleanup(on_event=event)
+                break
+            except Exception as exc:
+                log.exception("job %s persona %s failed", job_id, persona)
+                _fail(job_id, item_id, attempt, worker.name, "error", exc,
+                      requeue=attempt < settings.max_item_attempts)
+                runtime.cleanup(on_event=event)
+                continue
+            _complete(job_id, item_id, attempt, worker.name, result.artifact_key, result.sha256,
+                      info={"size": result.size, "extra": result.extra, **result.info})
+            ran += 1
+        finish(job_id, settings=settings, store=store)
+    finally:
+        figures = runtime.cleanup(on_event=event)
+        if figures.get("memory"):
+            event("cleanup", figures)
+        worker.idle()
+    return {"job_id": job_id, "ran": ran}
+
+
+def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:
+    from app.db import session_scope
+
+    from app import jobs
+
+    try:
+        with session_scope() as s:
+            jobs.complete_item(s, item_id=item_id, attempt=attempt, worker=worker,
+                               artifact_key=key, artifact_sha256=sha)
+            if info is not None:
+                jobs.record_artifact(s, job_id=job_id, item_id=item_id, key=key, sha256=sha,
+                                     size=info.get("size"), meta=info)
+    except InvalidTransition:
+        # Our lease was taken over (we were presumed dead): the new holder writes the same key.
+        log.warning("job %s item %s attempt %s: lost the lease; result dropped", job_id,
+                    item_id, attempt)
+
+
+def _fail(job_id, item_id, attempt, worker, kind, exc, *, requeue, **figures) -> None:
+    from app.db import session_scope
+
+    from app import jobs
+
+    try:
+        with session_scope() as s:
+            jobs.fail_item(s, item_id=item_id, attempt=attempt, worker=worker, failure_kind=kind,
+                           error=str(exc)[:2000], requeue=requeue, **figures)
+    except InvalidTransition:
+        log.warning("job %s item %s: lost the lease before recording failure", job_id, item_id)
+
+
+def _progress_writer(item_id, attempt):
+    """Progress rows at most every 0.5 s (and always at the end of the persona)."""
+    from app.db import session_scope
+
+    from app import jobs
+
+    last = [0.0]
+
+    def write(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done not in (0, total) and now - last[0] < 0.5:
+            return
+        last[0] = now
+        with session_scope() as s:
+            jobs.progress(s, item_id=item_id, done=done, total=total)
+
+    return write
+
+
+def _cancel_checker(job_id):
+    from app.db import session_scope
+    from app.models import Job
+
+    def cancelled() -> bool:
+        with session_scope() as s:
+            job = s.get(Job, job_id)
+            return job is None or job.state == "cancelled" or bool(
+                getattr(job, "cancel_requested", False))
+
+    return cancelled
+
+
+def finish(job_id: str, *, settings, store) -> str | None:
+    """When every item is done: write the manifest, THEN mark the job succeeded."""
+    from app.db import session_scope
+
+    from app import jobs
+    from workers.manifest import build_manifest
+
+    with session_scope() as s:
+        manifest = build_manifest(s, job_id=job_id, settings=settings)
+    if manifest is not None:
+        prefix, body = manifest
+        store.write_manifest(prefix, body, overwrite=True)
+    with session_scope() as s:
+        return jobs.finish_job_if_done(s, job_id=job_id)
+
+
+def load_vector(store, job_id: str, persona: str, vector_key: str, layer: int) -> list[float]:
+    """One layer of a derived vector from an earlier capture job's persona artifact."""
+    from app.db import session_scope
+    from app.models import Artifact
+    from sqlalchemy import select
+
+    from app.artifacts import read_persona_artifact
+    from app.errors import SpecInvalid
+
+    with session_scope() as s:
+        row = s.execute(select(Artifact).where(Artifact.job_id == job_id,
+                                               Artifact.key.like(f"%/{persona}.safetensors"))
+                        ).scalars().first()
+        if row is None:
+            raise SpecInvalid(f"job {job_id} has no artifact for persona {persona!r}",
+                              field="params.steer.from")
+        key, sha = row.key, row.sha256
+    art = read_persona_artifact(store.get_bytes(key, expect_sha256=sha))
+    vectors = art.vectors if hasattr(art, "vectors") else art["vectors"]
+    if vector_key not in vectors:
+        raise SpecInvalid(f"artifact {key} has no vector {vector_key!r}",
+                          field="params.steer.from.vector", hint=f"one of {sorted(vectors)}")
+    layers = list(art.layers if hasattr(art, "layers") else art["layers"])
+    if layer not in layers:
+        raise SpecInvalid(f"artifact {key} has no layer {layer}",
+                          field="params.steer.from.layer", hint=f"captured layers: {layers}")
+    return vectors[vector_key][layers.index(layer)].float().tolist()
