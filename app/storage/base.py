@@ -78,10 +78,14 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(f) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(CHUNK), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -121,6 +125,10 @@ class ArtifactStore(ABC):
     @abstractmethod
     def _read(self, key: str) -> tuple[bytes, StoredObject]:
         """Raw content and its recorded metadata; ArtifactNotFound if absent."""
+
+    @abstractmethod
+    def _digest(self, key: str) -> str:
+        """sha256 of the stored content, streamed (artifacts can be GBs); ArtifactNotFound."""
 
     @abstractmethod
     def _download(self, key: str, path: Path) -> StoredObject:
@@ -213,10 +221,9 @@ class ArtifactStore(ABC):
         if obj is None or obj.sha256 != sha256:
             return False
         try:
-            self.get_bytes(key, expect_sha256=sha256)
-        except (ChecksumMismatch, ArtifactNotFound):
+            return self._digest(key) == sha256
+        except ArtifactNotFound:
             return False
-        return True
 
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[StoredObject]:
         """Objects whose key starts with ``prefix`` (a plain string prefix, as on S3). With
@@ -285,7 +292,7 @@ class ArtifactStore(ABC):
             return None
         current = existing.sha256
         if current is None:
-            current = sha256_bytes(self._read(key)[0])
+            current = self._digest(key)
         if current == digest:
             return existing
         raise StorageError(f"{key!r} already exists in {self.location} with different content "

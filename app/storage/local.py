@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.errors import ArtifactNotFound, StorageError
-from app.storage.base import ArtifactStore, StoredObject, split_listing
+from app.storage.base import ArtifactStore, StoredObject, sha256_file, split_listing
 
 META_DIR = ".chatspace-meta"
 TMP_DIR = ".chatspace-tmp"
@@ -124,6 +124,11 @@ class LocalStore(ArtifactStore):
         if obj is None:
             raise ArtifactNotFound(f"no artifact {key!r} in {self.location}", field="key")
         return self._path(key).read_bytes(), obj
+
+    def _digest(self, key: str) -> str:
+        if self._head(key) is None:
+            raise ArtifactNotFound(f"no artifact {key!r} in {self.location}", field="key")
+        return sha256_file(self._path(key))
 
     def _download(self, key: str, path: Path) -> StoredObject:
         obj = self._head(key)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.errors import ArtifactNotFound, ChatspaceError, StorageError
-from app.storage.base import RESERVED, ArtifactStore, StoredObject
+from app.storage.base import RESERVED, ArtifactStore, StoredObject, sha256_stream
 from app.storage.s3_client import s3_client
 
 log = logging.getLogger(__name__)
@@ -191,19 +191,23 @@ class S3Store(ArtifactStore):
             str(path), self.bucket, key, ExtraArgs=extra, Config=config), key=key)
         return True
 
-    def _read(self, key: str) -> tuple[bytes, StoredObject]:
-        def get():
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-            return resp["Body"].read(), resp
-
+    def _get(self, key: str, fn: Callable[[dict], T]) -> T:
+        """GetObject and ``fn(response)`` inside one retried call; ArtifactNotFound if absent."""
         try:
-            data, resp = self._call("GetObject", get, key=key, passthrough=NOT_FOUND_CODES)
+            return self._call("GetObject", lambda: fn(self.client.get_object(
+                Bucket=self.bucket, Key=key)), key=key, passthrough=NOT_FOUND_CODES)
         except Exception as exc:
             if error_code(exc)[0] in NOT_FOUND_CODES:
                 raise ArtifactNotFound(f"no artifact {key!r} in {self.location}",
                                        field="key") from exc
             raise
+
+    def _read(self, key: str) -> tuple[bytes, StoredObject]:
+        data, resp = self._get(key, lambda resp: (resp["Body"].read(), resp))
         return data, self._object(key, resp)
+
+    def _digest(self, key: str) -> str:
+        return self._get(key, lambda resp: sha256_stream(resp["Body"]))
 
     def _download(self, key: str, path: Path) -> StoredObject:
         obj = self._head(key)
