@@ -160,43 +160,55 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
 
 
 def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
-    import torch
+    import numpy as np
 
-    from app.artifacts import build_persona_artifact, to_pt
+    from app.artifacts import build_persona_artifact, read_persona_artifact, to_pt
+    from app.vectors import derive_vectors
 
     rows = generate_and_capture(ctx, samples, capture=True)
     layers = list(_layers(ctx))
-    acts = {name: torch.stack([r["capture"].means[name] for r in rows]).float()
+    acts = {name: np.stack([r["capture"].means[name].float().numpy() for r in rows])
             for name in ("response", "prompt", "last_prompt")}
-    key = artifact_key(ctx)
+    keys = [r["sample"].key for r in rows]
+    vectors = derive_vectors(acts["response"], keys, kind=dataset.kind,
+                             scores=_scores(dataset, ctx.persona, keys))
     data, metadata = build_persona_artifact(
-        **_artifact_args(ctx, dataset, rows, layers, acts))
-    stored = ctx.store.put_bytes(key, data, content_type="application/octet-stream",
+        activations=acts["response"], keys=keys, vectors=vectors, layers=layers,
+        model=ctx.model, dtype=ctx.dtype, dataset=ctx.dataset, persona=ctx.persona,
+        extra_spans={"prompt": acts["prompt"], "last_prompt": acts["last_prompt"]},
+        extra_metadata={"job_id": str(ctx.job_id), "params": ctx.params.as_dict(),
+                        "responses": [r["response"] for r in rows],
+                        "response_tokens": [r["response_tokens"] for r in rows],
+                        "response_spans": [list(r["response_span"]) for r in rows]})
+    key = artifact_key(ctx)
+    stem = key.rsplit(".", 1)[0]
+    stored = ctx.store.put_bytes(key, data, overwrite=True)
+    meta_obj = ctx.store.put_bytes(
+        stem + ".json", json.dumps(metadata, sort_keys=True, indent=2, default=str).encode(),
+        content_type="application/json", overwrite=True)
+    pt_obj = ctx.store.put_bytes(stem + ".pt", to_pt(read_persona_artifact(data)),
                                  overwrite=True)
-    meta_key = key.rsplit(".", 1)[0] + ".json"
-    meta_obj = ctx.store.put_bytes(meta_key, json.dumps(metadata, sort_keys=True, indent=2,
-                                                        default=str).encode(),
-                                   content_type="application/json", overwrite=True)
-    pt_key = key.rsplit(".", 1)[0] + ".pt"
-    pt_obj = ctx.store.put_bytes(pt_key, to_pt(data, metadata), overwrite=True)
     info = {"persona": ctx.persona, "n_samples": len(rows), "layers": layers,
-            "shapes": {k: list(v.shape) for k, v in acts.items()}, "dtype": "float32"}
+            "shapes": {"activations": list(acts["response"].shape),
+                       **{f"vectors.{k}": list(v.shape) for k, v in vectors.vectors.items()}},
+            "dtype": "float32"}
     return ItemResult(artifact_key=key, sha256=stored.sha256, size=stored.size,
                       extra=[_obj(meta_obj), _obj(pt_obj)], info=info)
 
 
-def _artifact_args(ctx, dataset, rows, layers, acts) -> dict:
-    """Arguments for app.artifacts.build_persona_artifact (kept in one place)."""
-    return {
-        "persona": ctx.persona, "kind": dataset.kind, "keys": [r["sample"].key for r in rows],
-        "labels": [r["sample"].label for r in rows], "layers": layers,
-        "activations": acts["response"], "prompt_activations": acts["prompt"],
-        "last_prompt": acts["last_prompt"],
-        "metadata": {"job_id": str(ctx.job_id), "model": ctx.model, "dtype": ctx.dtype,
-                     "dataset": ctx.dataset, "params": ctx.params.as_dict(),
-                     "responses": [r["response"] for r in rows],
-                     "response_tokens": [r["response_tokens"] for r in rows]},
-    }
+def _scores(dataset, persona: str, keys: list[str]):
+    """Judge scores for the persona when the dataset ships them (enables filtered vectors)."""
+    from app.datasets import load_scores
+
+    try:
+        scores = load_scores(dataset, persona)
+    except Exception:  # noqa: BLE001 - scores are optional; unreadable ones are logged
+        log.warning("scores for %s unreadable; deriving unfiltered vectors", persona,
+                    exc_info=True)
+        return None
+    if not scores or not all(k in scores for k in keys):
+        return None
+    return scores
 
 
 def _rollout(ctx: ItemContext, samples) -> ItemResult:

@@ -214,12 +214,12 @@ def load_vector(store, job_id: str, persona: str, vector_key: str, layer: int) -
                               field="params.steer.from")
         key, sha = row.key, row.sha256
     art = read_persona_artifact(store.get_bytes(key, expect_sha256=sha))
-    vectors = art.vectors if hasattr(art, "vectors") else art["vectors"]
+    vectors = art.vectors
     if vector_key not in vectors:
         raise SpecInvalid(f"artifact {key} has no vector {vector_key!r}",
                           field="params.steer.from.vector", hint=f"one of {sorted(vectors)}")
-    layers = list(art.layers if hasattr(art, "layers") else art["layers"])
+    layers = [int(x) for x in art.metadata["layers"]]
     if layer not in layers:
         raise SpecInvalid(f"artifact {key} has no layer {layer}",
                           field="params.steer.from.layer", hint=f"captured layers: {layers}")
-    return vectors[vector_key][layers.index(layer)].float().tolist()
+    return [float(x) for x in vectors[vector_key][layers.index(layer)]]
