@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from app.errors import ChatspaceError, EngineOOM
 from workers import gpu
@@ -84,7 +85,7 @@ class BatchPolicy:
             try:
                 maybe_inject_oom(self.persona)
                 results = fn(batch)
-            except Exception as exc:  # noqa: BLE001 - classified just below
+            except Exception as exc:
                 if not gpu.is_oom(exc):
                     raise
                 self._on_oom(exc, len(batch))

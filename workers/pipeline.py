@@ -202,7 +202,7 @@ def _scores(dataset, persona: str, keys: list[str]):
 
     try:
         scores = load_scores(dataset, persona)
-    except Exception:  # noqa: BLE001 - scores are optional; unreadable ones are logged
+    except Exception:
         log.warning("scores for %s unreadable; deriving unfiltered vectors", persona,
                     exc_info=True)
         return None
