@@ -14,9 +14,8 @@ generation covers the prompt and all generated tokens but the last; the exact mo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 OpKind = Literal["add", "cap", "ablate"]
 OP_KINDS = ("add", "cap", "ablate")
@@ -58,7 +57,7 @@ class SteerOp:
                 "scale": float(self.scale), "min": self.min, "max": self.max}
 
     @classmethod
-    def from_wire(cls, d: dict) -> SteerOp:
+    def from_wire(cls, d: dict) -> "SteerOp":
         return cls(op=d["op"], layer=int(d["layer"]), vector=d["vector"],
                    scale=float(d.get("scale", 1.0)), min=d.get("min"), max=d.get("max"))
 
@@ -99,7 +98,7 @@ class CaptureSpec:
         }
 
     @classmethod
-    def from_wire(cls, d: dict) -> CaptureSpec:
+    def from_wire(cls, d: dict) -> "CaptureSpec":
         layers = d.get("layers")
         return cls(
             layers=tuple(int(x) for x in layers) if layers is not None else None,
@@ -128,7 +127,7 @@ class RequestSpec:
                 "key": self.key}
 
     @classmethod
-    def from_wire(cls, d: dict) -> RequestSpec:
+    def from_wire(cls, d: dict) -> "RequestSpec":
         return cls(steer=tuple(SteerOp.from_wire(o) for o in d.get("steer", [])),
                    capture=CaptureSpec.from_wire(d["capture"]) if d.get("capture") else None,
                    key=d.get("key"))
