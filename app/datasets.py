@@ -27,10 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 from app.errors import DatasetInvalid, DatasetNotFound, SpecInvalid
 
@@ -109,7 +109,7 @@ class Dataset:
     questions: list[Question]  # shared questions; [] when personas carry their own
     root: str  # where the dataset lives (folder or s3:// URL), for messages and listings
     scores_dir: str | None = None
-    _source: "_Source | None" = field(default=None, repr=False, compare=False)
+    _source: _Source | None = field(default=None, repr=False, compare=False)
 
     def persona(self, name: str) -> Persona:
         try:

@@ -23,7 +23,7 @@ import weakref
 from dataclasses import dataclass
 
 _SENTINEL = "CHATSPACEresponseSENTINEL7f3a9c"  # survives strip() and trim
-_system_role_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_system_role_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,13 @@ def supports_system_role(tokenizer) -> bool:
         return _system_role_cache[tokenizer]
     except (KeyError, TypeError):
         pass
+    from jinja2.exceptions import TemplateError
+
     try:
         text = _render(tokenizer, [{"role": "system", "content": _SENTINEL},
                                    {"role": "user", "content": "hi"}], generation=True, kwargs={})
         ok = _SENTINEL in text
-    except Exception:  # jinja2 raise_exception(...) in the template
+    except (TemplateError, ValueError):  # raise_exception(...) in the template
         ok = False
     try:
         _system_role_cache[tokenizer] = ok

@@ -58,7 +58,8 @@ def test_metadata_contents(built):
 
 def test_shape_mismatches_are_refused():
     acts = np.zeros((2, L, H))
-    kw = dict(layers=list(range(L)), model="m", dtype="float32", dataset="d", persona="p")
+    kw = {"layers": list(range(L)), "model": "m", "dtype": "float32", "dataset": "d",
+          "persona": "p"}
     with pytest.raises(ValueError, match="activations"):
         build_persona_artifact(activations=acts, keys=["pos_p0_q0"], vectors={}, **kw)
     with pytest.raises(ValueError, match="vector 'x'"):
@@ -77,7 +78,7 @@ def test_garbage_is_not_an_artifact():
 
 def test_pt_export(built):
     torch = pytest.importorskip("torch")
-    data, meta, acts, keys, vs, _ = built
+    data, _meta, acts, keys, vs, _ = built
     blob = to_pt(read_persona_artifact(data))
     obj = torch.load(io.BytesIO(blob), weights_only=True)
     assert {"activations", "contrast", "metadata"} <= set(obj)

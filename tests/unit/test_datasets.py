@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from app.datasets import (
-    list_datasets, load_dataset, load_dataset_at, load_scores, validate_dataset,
+    list_datasets,
+    load_dataset,
+    load_dataset_at,
+    load_scores,
+    validate_dataset,
 )
 from app.errors import DatasetInvalid, DatasetNotFound, SpecInvalid
 from app.settings import Settings
@@ -181,7 +185,7 @@ def test_non_utf8(tmp_path):
 
 def test_mixed_kinds(tmp_path):
     d = write_ds(tmp_path, personas={"upbeat": TRAIT, "pirate": {"instruction": [{"pos": "Arr"}]}})
-    p, text = only_problem(d)
+    _, text = only_problem(d)
     assert "one kind" in text
 
 
