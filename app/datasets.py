@@ -295,6 +295,10 @@ def _source_for(name: str, settings) -> _Source:
             f"dataset '{name}' not found under {root}", field="dataset",
             hint=f"available: {', '.join(available) or 'none'}",
         )
+    return _open(name, root, settings)
+
+
+def _open(name: str, root: str, settings) -> _Source:
     if root.startswith("s3://"):
         bucket, prefix = _split_s3(root)
         return _S3Source(_client(settings), bucket, f"{prefix}/{name}" if prefix else name)
@@ -349,7 +353,7 @@ def list_datasets(*, settings=None) -> list[DatasetSummary]:
     root = _root(settings)
     out = []
     for name in _names_under(root, settings):
-        ds, problems = _parse(name, _source_for(name, settings))
+        ds, problems = _parse(name, _open(name, root, settings))
         if problems or ds is None:
             out.append(DatasetSummary(name, "invalid", 0, 0, root, len(problems)))
             continue
