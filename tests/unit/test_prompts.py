@@ -160,3 +160,15 @@ def test_merge_across_prompt_boundary_is_refused():
                          merges=MERGES + [("Ċ", "H")], use_regex=False)
     with pytest.raises(ValueError, match="prompt tokens differ"):
         build_prompt(tok, system=None, question="Hi", response="Hello")
+
+
+def test_template_that_silently_drops_system_gets_it_folded():
+    dropping = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tok = make_tokenizer(dropping, ["<|im_start|>", "<|im_end|>"])
+    assert not supports_system_role(tok)
+    p = build_prompt(tok, system="Be brief.", question="Why?")
+    assert p.text == "<|im_start|>user\nBe brief.\n\nWhy?<|im_end|>\n<|im_start|>assistant\n"
