@@ -7,7 +7,7 @@ pool's queue with a ``waiting`` event saying no live worker serves that model �
 accepted and visibly waiting, not silently stuck). :func:`reconcile`, run by every worker's
 reaper, re-sends jobs that are queued or running with claimable items that no live worker
 holds — after a Redis flush or restart, a lost filesystem message, or a worker death — at
-most once per ``RESEND_AFTER_S`` per job. A duplicate message is harmless: items are taken
+most once per ``worker_stale_s`` per job. A duplicate message is harmless: items are taken
 with leases, never twice.
 """
 
@@ -20,8 +20,6 @@ from app.queues import ANY_QUEUE, queue_name
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
-
-RESEND_AFTER_S = 30.0
 
 
 def _now() -> datetime:
@@ -117,7 +115,7 @@ def reconcile() -> list[str]:
                 ts = _aware(ts)
                 if str(jid) not in recent or ts > recent[str(jid)]:
                     recent[str(jid)] = ts
-    cutoff = _now() - timedelta(seconds=RESEND_AFTER_S)
+    cutoff = _now() - timedelta(seconds=get_settings().worker_stale_s)
     for job_id in candidates:
         if recent.get(job_id) and recent[job_id] > cutoff:
             continue
