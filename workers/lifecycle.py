@@ -84,7 +84,10 @@ class WorkerServices:
         try:
             self.runtime.shutdown()
         finally:
-            self.heartbeat(state="stopped")
+            try:
+                self.heartbeat(state="stopped")
+            except Exception:  # noqa: BLE001 - the database may be what failed
+                log.exception("worker %s: final heartbeat failed", self.name)
 
     def _every(self, fn, period: float) -> None:
         while not self._stop.wait(period):
@@ -173,11 +176,17 @@ def start_worker_services(*, preload: bool = True) -> WorkerServices:
     queues = [q for q in env.get(cli.ENV_QUEUES, "").split(",") if q] or \
         cli.worker_queues(model, dtype)
     max_jobs = int(env[cli.ENV_MAX_JOBS]) if env.get(cli.ENV_MAX_JOBS) else None
-    _current = WorkerServices(name=name, gpu_index=gpu_env or None, model=model, dtype=dtype,
+    services = WorkerServices(name=name, gpu_index=gpu_env or None, model=model, dtype=dtype,
                               queues=queues, max_jobs=max_jobs,
                               exit_when_idle=bool(env.get(cli.ENV_EXIT_WHEN_IDLE)))
-    _current.start(preload=preload)
-    return _current
+    _current = services  # visible to remote control while the engine preloads
+    try:
+        services.start(preload=preload)
+    except BaseException:
+        _current = None
+        services.stop()
+        raise
+    return services
 
 
 def connect_signals() -> None:
@@ -188,7 +197,13 @@ def connect_signals() -> None:
         logging.basicConfig(level=logging.INFO)
         from workers import control  # noqa: F401 - registers the remote-control commands
 
-        start_worker_services()
+        try:
+            start_worker_services()
+        except Exception:
+            # Celery only logs a failing signal receiver; a worker that cannot reach its
+            # database or load its engine must not sit on the queue taking jobs.
+            log.exception("worker start-up failed; exiting")
+            raise SystemExit(1) from None
 
     def on_shutdown(**_):
         if _current is not None:
