@@ -86,7 +86,7 @@ class WorkerServices:
         finally:
             try:
                 self.heartbeat(state="stopped")
-            except Exception:  # noqa: BLE001 - the database may be what failed
+            except Exception:
                 log.exception("worker %s: final heartbeat failed", self.name)
 
     def _every(self, fn, period: float) -> None:
