@@ -1,0 +1,75 @@
+"""Artifact routes: list by job or prefix, one object's metadata, a download URL.
+
+Keys are checked here before the store sees them: a malformed key is the caller's mistake
+(422 naming ``key``), while the store's own ``StorageError`` means it is unreachable (503).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.api.deps import Auth, SessionDep, StoreDep
+from app.api.schemas import ArtifactList, ArtifactOut, ArtifactUrl
+from app.errors import ArtifactNotFound, SpecInvalid, StorageError
+from app.models import Job
+
+router = APIRouter(prefix="/artifacts", tags=["artifacts"], dependencies=[Auth])
+KEY_RE = re.compile(r"^[^\x00-\x1f\x7f\\]{1,1024}$")
+ERRORS = {401: {"description": "no or bad token"}, 404: {"description": "no such artifact"},
+          422: {"description": "bad key or prefix"},
+          503: {"description": "the store is unreachable"}}
+
+
+def _checked(value: str, what: str, *, prefix: bool = False) -> str:
+    from app.storage.base import validate_key, validate_prefix
+
+    if prefix and value == "":
+        return value
+    if not KEY_RE.match(value):
+        raise SpecInvalid(f"{what} has control characters or is too long", field=what)
+    try:
+        return validate_prefix(value) if prefix else validate_key(value, what=what)
+    except StorageError as exc:
+        raise SpecInvalid(exc.message, field=what, hint=exc.hint) from None
+
+
+def _out(obj) -> ArtifactOut:
+    return ArtifactOut(key=obj.key, size=obj.size, sha256=obj.sha256,
+                       last_modified=obj.last_modified, meta=dict(obj.meta or {}))
+
+
+@router.get("", response_model=ArtifactList, responses=ERRORS)
+def list_artifacts(session: SessionDep, store: StoreDep,
+                   job: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = None,
+                   prefix: Annotated[str | None, Query(max_length=1024)] = None,
+                   limit: Annotated[int, Query(ge=1, le=100000)] = 10000) -> ArtifactList:
+    if job is not None:
+        row = session.get(Job, job)
+        if row is None:
+            raise SpecInvalid(f"no job {job!r}", field="job", hint="`chatspace-jobs list`")
+        if not row.artifact_prefix:
+            return ArtifactList(prefix="", artifacts=[])
+        where = row.artifact_prefix.rstrip("/") + "/"
+    else:
+        where = _checked(prefix or "", "prefix", prefix=True)
+    objects = store.list(where)[:limit]
+    return ArtifactList(prefix=where, artifacts=[_out(o) for o in objects])
+
+
+@router.get("/meta", response_model=ArtifactOut, responses=ERRORS)
+def meta(store: StoreDep, key: Annotated[str, Query(max_length=1024)]) -> ArtifactOut:
+    obj = store.head(_checked(key, "key"))
+    if obj is None:
+        raise ArtifactNotFound(f"no artifact {key!r}", field="key",
+                               hint="`chatspace-jobs artifacts ls` lists keys")
+    return _out(obj)
+
+
+@router.get("/url", response_model=ArtifactUrl, responses=ERRORS)
+def url(store: StoreDep, key: Annotated[str, Query(max_length=1024)],
+        expires_s: Annotated[int, Query(ge=1, le=7 * 24 * 3600)] = 3600) -> ArtifactUrl:
+    return ArtifactUrl(key=key, url=store.url(_checked(key, "key"), expires_s=expires_s),
+                       expires_s=expires_s)

@@ -1,0 +1,168 @@
+"""Request and response bodies of the status API (also what the CLI prints with ``--json``).
+
+Request models check only *types* (and refuse unknown fields, so a typo like ``max_sample``
+is an error naming the field rather than a silently ignored option); every rule about values
+lives in :mod:`app.submit`, so the HTTP API and the CLI's in-process mode refuse the same
+inputs with the same messages. Response models are lenient (optional fields): they describe
+rows written by other components and must never turn a missing column into a 500.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobParamsIn(_In):
+    layers: list[StrictInt] | Literal["all"] | None = Field(
+        None, description="layers to capture: a list of indices or 'all' (default all)")
+    max_samples: StrictInt | None = Field(None, description="samples per persona (default all)")
+    batch_size: StrictInt | None = Field(None, description="prompts per engine batch")
+    max_tokens: StrictInt | None = Field(None, description="tokens generated per response")
+    temperature: float | None = Field(None, description="sampling temperature, >= 0")
+    top_p: float | None = Field(None, description="nucleus sampling, in (0, 1]")
+    seed: StrictInt | None = Field(None, description="sampling seed")
+    steer: list[dict[str, Any]] | None = Field(
+        None, description="rollout steering ops: {op: add|cap|ablate, layer, scale, min, max, "
+                          "vector: [floats] | from: {job_id, vector, layer, persona}}")
+    capture: StrictBool | None = Field(None, description="rollout: also store activations")
+    capture_exact: StrictBool | None = Field(
+        None, description="capture with prefix caching off for exact per-token rows")
+
+
+class JobSubmit(_In):
+    kind: str = Field("capture", description="capture | rollout")
+    dataset: str = Field(..., description="a dataset name under the datasets root")
+    model: str | None = Field(None, description="model name (default: settings.default_model)")
+    dtype: str | None = Field(None, description="bfloat16 | float16 | float32")
+    params: JobParamsIn = Field(default_factory=JobParamsIn)
+
+
+class ErrorOut(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+    hint: str | None = None
+
+
+class PersonaProgress(BaseModel):
+    persona: str
+    state: str | None = None
+    done: int | None = None
+    total: int | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    artifact_key: str | None = None
+    error: str | None = None
+
+
+class Progress(BaseModel):
+    items_done: int = 0
+    items_total: int = 0
+    samples_done: int = 0
+    samples_total: int = 0
+    ooms: int = 0
+    personas: list[PersonaProgress] = Field(default_factory=list)
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    dataset: str
+    model: str
+    dtype: str
+    state: str
+    failure_kind: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    artifact_prefix: str | None = None
+    last_error: str | None = None
+    worker: str | None = None
+    progress: Progress | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class EventOut(BaseModel):
+    id: int | str | None = None
+    job_id: str | None = None
+    kind: str
+    created_at: datetime | None = None
+    data: Any = None
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class WorkerOut(BaseModel):
+    name: str
+    state: str | None = None
+    host: str | None = None
+    gpu: str | None = None
+    model: str | None = None
+    dtype: str | None = None
+    queues: list[str] = Field(default_factory=list)
+    memory: dict[str, Any] | None = None
+    model_info: dict[str, Any] | None = None
+    current_job_id: str | None = None
+    last_heartbeat: datetime | None = None
+    heartbeat_age_s: float | None = None
+    alive: bool = False
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerOut]
+
+
+class ControlOut(BaseModel):
+    worker: str
+    command: str
+    replies: list[dict[str, Any]]
+
+
+class ArtifactOut(BaseModel):
+    key: str
+    size: int
+    sha256: str | None = None
+    last_modified: datetime | None = None
+    meta: dict[str, str] = Field(default_factory=dict)
+
+
+class ArtifactList(BaseModel):
+    prefix: str
+    artifacts: list[ArtifactOut]
+
+
+class ArtifactUrl(BaseModel):
+    key: str
+    url: str
+    expires_s: int
+
+
+class DatasetOut(BaseModel):
+    name: str
+    kind: str
+    personas: int
+    samples: int
+    root: str
+    problems: int = 0
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)
