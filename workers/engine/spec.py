@@ -19,6 +19,7 @@ from typing import Any, Literal, Sequence
 
 OpKind = Literal["add", "cap", "ablate"]
 OP_KINDS = ("add", "cap", "ablate")
+RESERVED_SPANS = ("prompt", "response", "last_prompt")  # the built-in span names
 
 
 class SpecError(ValueError):
@@ -196,9 +197,14 @@ def validate_spec(spec: RequestSpec, *, num_layers: int, hidden_size: int) -> No
         if len(set(cap.layers)) != len(cap.layers):
             raise SpecError("capture.layers", "has duplicates")
     if cap is not None:
+        seen: set[str] = set()
         for j, s in enumerate(cap.spans):
             if s.start < 0 or (s.end is not None and s.end <= s.start):
                 raise SpecError(f"capture.spans[{j}]", f"bad range [{s.start}, {s.end})")
+            if s.name in RESERVED_SPANS or s.name in seen:
+                raise SpecError(f"capture.spans[{j}].name", f"{s.name!r} is taken; span names "
+                                f"must be unique and not one of {', '.join(RESERVED_SPANS)}")
+            seen.add(s.name)
 
 
 def as_specs(specs: RequestSpec | Sequence[RequestSpec | None] | None, n: int) -> list[RequestSpec | None]:
