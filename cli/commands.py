@@ -1,0 +1,177 @@
+"""The CLI's other command groups: artifacts, workers, datasets, db, and the two servers
+(``api`` and ``worker``), which import their heavy parts only when run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from cli.main import client, emit, json_option
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def artifacts(ctx):
+    """Browse what jobs stored (S3/MinIO or the local folder)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(artifacts_ls)
+
+
+def _looks_like_job(value: str) -> bool:
+    return "/" not in value and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+@artifacts.command("ls")
+@click.argument("target", required=False, default="")
+@json_option
+@click.pass_context
+def artifacts_ls(ctx, target="", as_json=False):
+    """List artifacts of a JOB id, or under a key PREFIX."""
+    from cli import views
+
+    c = client(ctx)
+    listing = (c.artifacts(job=target) if _looks_like_job(target)
+               else c.artifacts(prefix=target))
+    emit(listing, as_json, views.artifacts_table)
+
+
+@artifacts.command("get")
+@click.argument("key")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="where to write it (default: the key's file name)")
+@click.pass_context
+def artifacts_get(ctx, key, output):
+    """Download one artifact."""
+    c = client(ctx)
+    c.artifact_meta(key)  # a clear 404 before any file is created
+    path = Path(output or key.rsplit("/", 1)[-1])
+    size = c.download(key, path)
+    click.echo(f"{path} ({size:,} bytes)")
+
+
+@artifacts.command("url")
+@click.argument("key")
+@click.option("--expires", "expires_s", type=int, default=3600, help="seconds")
+@json_option
+@click.pass_context
+def artifacts_url(ctx, key, expires_s, as_json):
+    """A (presigned) download URL for one artifact."""
+    out = client(ctx).artifact_url(key, expires_s=expires_s)
+    emit(out, True) if as_json else click.echo(out["url"])
+
+
+@click.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def workers(ctx, as_json):
+    """Workers with heartbeat age, GPU, model and memory; release or reload one."""
+    if ctx.invoked_subcommand is None:
+        from cli import views
+
+        emit(client(ctx).workers(), as_json, views.workers_table)
+
+
+def _control(ctx, command: str, name: str, as_json: bool) -> None:
+    out = client(ctx).control(command, name)
+    if as_json:
+        emit(out, True)
+        return
+    for reply in out.get("replies") or [{"worker": name, "ok": None}]:
+        state = "deferred until its job ends" if reply.get("deferred") else (
+            "done" if reply.get("ok") else f"no confirmation ({reply.get('error', 'no reply')})")
+        click.echo(f"{command} {reply.get('worker', name)}: {state}")
+
+
+@workers.command("release")
+@click.argument("name")
+@json_option
+@click.pass_context
+def workers_release(ctx, name, as_json):
+    """Ask worker NAME to shut its engine down and give the GPU back."""
+    _control(ctx, "release", name, as_json)
+
+
+@workers.command("reload")
+@click.argument("name")
+@json_option
+@click.pass_context
+def workers_reload(ctx, name, as_json):
+    """Ask worker NAME to restart its engine."""
+    _control(ctx, "reload", name, as_json)
+
+
+@click.group()
+def datasets():
+    """Datasets under the datasets root."""
+
+
+@datasets.command("ls")
+@json_option
+@click.pass_context
+def datasets_ls(ctx, as_json):
+    """Datasets with persona and sample counts (invalid ones flagged)."""
+    from cli import views
+
+    emit(client(ctx).datasets(), as_json, views.datasets_table)
+
+
+@click.group()
+def db():
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head")
+def db_upgrade(revision):
+    """Apply migrations to the configured database (run before the API starts)."""
+    from app.db import upgrade
+    from app.settings import get_settings
+
+    settings = get_settings()
+    upgrade(settings.db_url, revision)
+    click.echo(f"database at {'embedded sqlite' if settings.embedded else 'configured URL'} "
+               f"upgraded to {revision}")
+
+
+@click.command()
+@click.option("--host", default=None, help="default: settings.api_host")
+@click.option("--port", type=int, default=None, help="default: settings.api_port")
+def api(host, port):
+    """Serve the status API (uvicorn), wired to the Celery dispatch and remote control."""
+    import uvicorn
+
+    from app.api import create_app
+    from app.settings import get_settings
+    from cli.client import wiring
+
+    logging.getLogger().setLevel(logging.INFO)
+    settings = get_settings()
+    enqueue, control = wiring()
+    app = create_app(settings, enqueue=enqueue, control=control)
+    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port,
+                log_level="info")
+
+
+@click.command()
+@click.option("--model", default=None, help="serve this model's pool (default: any model)")
+@click.option("--dtype", default=None)
+@click.option("--gpus", default=None, help="GPU indices, e.g. 0,1 (default: all visible)")
+@click.option("--queues", default=None, help="extra queues, comma-separated")
+@click.option("--name", default=None, help="base worker name (default: host name)")
+@click.option("--max-jobs", type=int, default=None, help="exit after this many jobs")
+@click.option("--exit-when-idle", is_flag=True, help="exit when no work is left")
+def worker(**kwargs):
+    """Run GPU workers (one Celery process per GPU, each with a warm engine)."""
+    try:
+        from workers.cli import run_worker
+    except ImportError as exc:
+        raise click.ClickException(f"the worker runtime is not installed here ({exc})") from None
+    logging.getLogger().setLevel(logging.INFO)
+    return run_worker(**kwargs)
+
+
+def register(cli: click.Group) -> None:
+    for command in (artifacts, workers, datasets, db, api, worker):
+        cli.add_command(command)
