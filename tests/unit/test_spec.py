@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from workers.engine.spec import (CaptureSpec, RequestSpec, Span, SpecError, SteerOp, as_specs,
-                                 validate_spec)
+from workers.engine.spec import (
+    CaptureSpec,
+    RequestSpec,
+    Span,
+    SpecError,
+    SteerOp,
+    as_specs,
+    validate_spec,
+)
 
 H, L = 8, 4
 

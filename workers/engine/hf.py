@@ -21,15 +21,22 @@ Batches are left-padded; rows of finished requests are neither steered nor captu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from workers.engine.ops import CompiledOps
-from workers.engine.spec import (Capture, GenResult, RequestSpec, SamplingOptions, SpecError,
-                                 as_specs, validate_spec)
+from workers.engine.spec import (
+    Capture,
+    GenResult,
+    RequestSpec,
+    SamplingOptions,
+    SpecError,
+    as_specs,
+    validate_spec,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -14,8 +14,8 @@ no ``.cpu()`` — a host sync inside a hook costs most of the throughput (DESIGN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -107,7 +107,7 @@ class CompiledOps:
     by_layer: dict[int, LayerOps]
 
     @classmethod
-    def compile(cls, steer: Sequence[SteerOp], *, device: torch.device | str = "cpu") -> "CompiledOps":
+    def compile(cls, steer: Sequence[SteerOp], *, device: torch.device | str = "cpu") -> CompiledOps:
         grouped: dict[int, list[SteerOp]] = {}
         for op in steer:
             grouped.setdefault(int(op.layer), []).append(op)

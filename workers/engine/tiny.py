@@ -89,7 +89,7 @@ _GEMMA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 
-_QWEN = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False)
+_QWEN = {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False}
 _GEMMA = _Chat(bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True,
                extra=("<start_of_turn>", "<end_of_turn>"), template=_GEMMA_TEMPLATE)
 _CHATS = {
@@ -104,7 +104,7 @@ _CHATS = {
 
 def family_of(name: str) -> str:
     """``tiny:qwen3`` → ``qwen3``; raises ValueError naming the families for anything else."""
-    family = name[len(TINY_PREFIX):] if name.startswith(TINY_PREFIX) else name
+    family = name.removeprefix(TINY_PREFIX)
     if family not in FAMILIES:
         raise ValueError(f"model: unknown tiny model {name!r}; use tiny:<family> with family one "
                          f"of {', '.join(FAMILIES)}")
@@ -148,11 +148,11 @@ def build_config(family: str, *, num_layers: int = 4, hidden_size: int = 128,
     import transformers as tf
 
     family = family_of(family)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size,
-                  intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                  head_dim=head_dim, max_position_embeddings=max_position_embeddings,
-                  initializer_range=0.05)
+    common = {"vocab_size": vocab_size, "hidden_size": hidden_size,
+                  "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+                  "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+                  "head_dim": head_dim, "max_position_embeddings": max_position_embeddings,
+                  "initializer_range": 0.05}
     if family == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=False)
     if family == "qwen3":
