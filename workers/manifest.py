@@ -33,7 +33,7 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
 
     job = session.get(Job, job_id)
     items = session.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
-    if job is None or not items or any(i.state != "done" for i in items):
+    if job is None or not items or any(i.state != "succeeded" for i in items):
         return None
     infos = {}
     for a in session.execute(select(Artifact).where(Artifact.job_id == job_id)).scalars():
