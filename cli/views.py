@@ -52,7 +52,8 @@ def rate_eta(job: dict, now: datetime | None = None) -> tuple[float | None, floa
 
 def jobs_table(jobs: list[dict]) -> Table:
     t = Table(title="jobs", expand=False)
-    for col in ("id", "kind", "dataset", "model", "dtype", "state", "personas", "created"):
+    t.add_column("id", no_wrap=True, min_width=32)
+    for col in ("kind", "dataset", "model", "dtype", "state", "personas", "created"):
         t.add_column(col)
     for j in jobs:
         p = j.get("progress") or {}
@@ -66,7 +67,8 @@ def jobs_table(jobs: list[dict]) -> Table:
 def progress_view(jobs: list[dict]) -> Table:
     """One row per job: state, bar over personas, samples, rate, ETA, OOMs, worker."""
     t = Table(title="progress", expand=False)
-    for col in ("job", "state", "personas", "", "samples", "rate/s", "eta", "ooms", "worker"):
+    t.add_column("job", no_wrap=True, min_width=12)
+    for col in ("state", "personas", "", "samples", "rate/s", "eta", "ooms", "worker"):
         t.add_column(col)
     for j in jobs:
         p = j.get("progress") or {}
