@@ -1,0 +1,322 @@
+"""``SteeringEngine``: one warm ``vllm.LLM`` whose requests each carry their own steering and
+capture spec (see :mod:`.extension` for what runs inside vLLM's worker).
+
+Why it refuses rather than degrades: every way this can silently go wrong was measured here
+(DESIGN.md) — hooks that never fire under torch.compile, Model Runner V2 with no
+``input_batch``, prefix-cache hits that drop captured prompt rows. So the engine checks the
+runner and the model's layer shape at start, runs a self-test request whose hooks must fire,
+and after every ``generate`` raises for any request that asked for steering or capture and was
+never touched by a hook.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Self
+
+from workers.engine.runner import V2_ENV
+from workers.engine.spec import (
+    Capture,
+    CaptureSpec,
+    GenResult,
+    RequestSpec,
+    SamplingOptions,
+    SpecError,
+    as_specs,
+    validate_spec,
+)
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "workers.engine.extension.SteeringExtension"
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve, or a request went wrong inside it (the message names it)."""
+
+
+class HooksNotFiredError(EngineError):
+    """Steering/capture hooks did not run (compiled mode, or hooks removed)."""
+
+
+class EngineOOMError(EngineError):
+    """Out of memory while serving a batch; carries the figures the OOM policy needs."""
+
+    def __init__(self, message: str, *, batch_size: int, memory: dict | None):
+        super().__init__(message)
+        self.batch_size = batch_size
+        self.memory = memory
+
+
+def _gpu_memory() -> dict | None:
+    """Device-wide memory reading of the current CUDA device, or None without CUDA."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return {"free": int(free), "total": int(total), "used": int(total - free)}
+    except Exception:  # noqa: BLE001 - a reading is best-effort
+        return None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def steer_key(spec: RequestSpec) -> str:
+    """A stable hash of a request's steering: its prefix-cache salt and compile-cache key."""
+    wire = [op.to_wire() for op in spec.steer]
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class SteeringEngine:
+    """A warm vLLM engine with per-request steering and activation capture.
+
+    ``enforce_eager`` defaults to True and should stay so: PyTorch forward hooks never fire
+    inside vLLM's torch.compile / CUDA-graph path (measured: 0 calls, silently). With it False
+    the start-up self-test fails and the engine refuses to serve. Eager costs throughput on
+    GPUs (about half of compiled mode for a 0.6B model on an H100).
+
+    ``VLLM_USE_V2_MODEL_RUNNER`` is set to ``0`` before vLLM starts unless already set: the
+    hooks need the V1 model runner (:mod:`.runner`); any other runner is refused.
+    """
+
+    def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int = 4096,
+                 gpu_memory_utilization: float = 0.85, enforce_eager: bool = True,
+                 tensor_parallel_size: int = 1, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 load_format: str = "auto", seed: int = 0, **llm_kwargs):
+        os.environ.setdefault(V2_ENV, "0")
+        from vllm import LLM
+
+        self.model = model
+        self.memory_before = _gpu_memory()
+        self.memory_after: dict | None = None
+        self._calls = 0
+        self._llm = None
+        kwargs = {"model": model, "dtype": dtype, "max_model_len": max_model_len,
+                      "gpu_memory_utilization": gpu_memory_utilization,
+                      "enforce_eager": enforce_eager, "tensor_parallel_size": tensor_parallel_size,
+                      "max_num_seqs": max_num_seqs, "enable_prefix_caching": enable_prefix_caching,
+                      "load_format": load_format, "seed": seed, "worker_extension_cls": EXTENSION}
+        if max_num_batched_tokens is not None:
+            # vLLM requires max_num_batched_tokens >= max_num_seqs; a small token budget (to
+            # force chunked prefill) implies fewer concurrent sequences.
+            kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+            kwargs["max_num_seqs"] = min(max_num_seqs, max_num_batched_tokens)
+        kwargs.update(llm_kwargs)
+        self._llm = LLM(**kwargs)
+        try:
+            info = self._llm.collective_rpc("steering_install")[0]
+            self.runner_kind: str = info["runner_kind"]
+            self.num_layers: int = int(info["num_layers"])
+            self.hidden_size: int = int(info["hidden_size"])
+            self.model_class: str = info["model_class"]
+            self.self_test()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- properties -------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._llm.get_tokenizer()
+
+    @property
+    def llm(self):
+        """The underlying ``vllm.LLM`` (for plain, unhooked use such as baselines)."""
+        return self._llm
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- serving ----------------------------------------------------------------------
+    def self_test(self) -> None:
+        """Refuse to serve unless a capture request sees every layer hook fire."""
+        spec = RequestSpec(capture=CaptureSpec(), key="self-test")
+        try:
+            res = self.generate([[1, 2, 3, 4]], SamplingOptions(max_tokens=2, ignore_eos=True),
+                                [spec])[0]
+        except HooksNotFiredError as exc:
+            raise HooksNotFiredError(
+                f"{self.model_class}: the steering hooks did not fire in the start-up self-test "
+                f"({exc}); vLLM is probably running a compiled graph. Start the engine with "
+                "enforce_eager=True.") from None
+        if res.hook_calls < self.num_layers:
+            raise HooksNotFiredError(
+                f"{self.model_class}: only {res.hook_calls} of {self.num_layers} layer hooks "
+                "fired in the self-test; start the engine with enforce_eager=True")
+
+    def _validate(self, specs: list[RequestSpec | None]) -> None:
+        for i, spec in enumerate(specs):
+            if spec is None:
+                continue
+            try:
+                validate_spec(spec, num_layers=self.num_layers, hidden_size=self.hidden_size)
+            except SpecError as exc:
+                raise SpecError(f"specs[{i}].{exc.field}", exc.message) from None
+
+    def _params(self, options: SamplingOptions, spec: RequestSpec | None, uid: str,
+                max_tokens: int | None = None, prompt_len: int | None = None):
+        from vllm import SamplingParams
+
+        kw = {"max_tokens": max_tokens or options.max_tokens, "temperature": options.temperature,
+                  "top_p": options.top_p, "seed": options.seed, "ignore_eos": options.ignore_eos,
+                  "stop_token_ids": list(options.stop_token_ids)}
+        if spec is not None and spec.active:
+            kw["extra_args"] = {"chatspace": {
+                "uid": uid, "spec": spec.to_wire(),
+                "steer_key": steer_key(spec) if spec.steer else None, "prompt_len": prompt_len}}
+            if spec.capture is not None:
+                # A prefix-cache hit skips the forward of the cached rows: capture would miss them.
+                kw["skip_reading_prefix_cache"] = True
+        return SamplingParams(**kw)
+
+    def generate(self, prompts: Sequence[str | list[int]], options: SamplingOptions | None = None,
+                 specs: RequestSpec | Sequence[RequestSpec | None] | None = None, *,
+                 _max_tokens: int | None = None,
+                 _prompt_lens: Sequence[int] | None = None) -> list[GenResult]:
+        """Generate for each prompt (text or token ids) under its own spec (None = plain)."""
+        options = options or SamplingOptions()
+        prompts = list(prompts)
+        specs = as_specs(specs, len(prompts))
+        self._validate(specs)
+        self._calls += 1
+        uids = [f"{self._calls}-{i}" for i in range(len(prompts))]
+        inputs, params = [], []
+        lens = list(_prompt_lens) if _prompt_lens is not None else [None] * len(prompts)
+        for prompt, spec, uid, plen in zip(prompts, specs, uids, lens):
+            item = {"prompt": prompt} if isinstance(prompt, str) else {
+                "prompt_token_ids": [int(t) for t in prompt]}
+            if spec is not None and spec.steer:
+                item["cache_salt"] = steer_key(spec)
+            inputs.append(item)
+            params.append(self._params(options, spec, uid, _max_tokens, plen))
+        self._llm.collective_rpc("steering_reset")
+        try:
+            outs = self._llm.generate(inputs, params, use_tqdm=False)
+        except Exception as exc:
+            if _is_oom(exc):
+                raise EngineOOMError(f"out of memory generating a batch of {len(prompts)}: {exc}",
+                                     batch_size=len(prompts), memory=_gpu_memory()) from exc
+            raise
+        active = [uid for uid, s in zip(uids, specs) if s is not None and s.active]
+        per_rank = self._llm.collective_rpc("steering_collect", args=(active,)) if active else [{}]
+        return self._results(outs, specs, uids, per_rank)
+
+    def _results(self, outs, specs, uids, per_rank) -> list[GenResult]:
+        results, errors, untouched = [], [], []
+        for i, (out, spec, uid) in enumerate(zip(outs, specs, uids)):
+            comp = out.outputs[0]
+            res = GenResult(key=spec.key if spec else None,
+                            prompt_token_ids=list(out.prompt_token_ids),
+                            token_ids=list(comp.token_ids), text=comp.text,
+                            finish_reason=comp.finish_reason)
+            if spec is not None and spec.active:
+                name = spec.key if spec.key is not None else f"request {i}"
+                for rank, rank_res in enumerate(per_rank):
+                    got = rank_res.get(uid)
+                    if got is None:
+                        untouched.append(name)
+                        break
+                    if got["errors"]:
+                        errors.append(f"{name} (rank {rank}): {got['errors'][0]}")
+                    if rank == 0:
+                        res.hook_calls = int(got["hook_calls"])
+                        if got["hook_calls"] == 0:
+                            untouched.append(name)
+                        if spec.capture is not None:
+                            res.capture = self._capture(got, res)
+            results.append(res)
+        if errors:
+            raise EngineError("steering/capture hook failed for " + "; ".join(errors))
+        if untouched:
+            raise HooksNotFiredError(
+                f"requests {', '.join(map(str, untouched))} asked for steering or capture but no "
+                "hook touched them (hooks not firing: is the engine compiled? use "
+                "enforce_eager=True)")
+        return results
+
+    @staticmethod
+    def _capture(got: dict, res: GenResult) -> Capture:
+        from workers.engine.extension import unpack
+
+        cap = Capture(layers=got["layers"], means={k: unpack(v) for k, v in got["means"].items()}, counts=dict(got["counts"]),
+                      positions={k: tuple(v) for k, v in got["positions"].items()})
+        if "raw" in got:
+            seq = res.prompt_token_ids + res.token_ids
+            cap.raw = unpack(got["raw"])
+            cap.raw_positions = list(got["raw_positions"])
+            cap.raw_token_ids = [seq[p] for p in cap.raw_positions]
+        return cap
+
+    def capture(self, sequences: Sequence[list[int]],
+                specs: RequestSpec | Sequence[RequestSpec | None] | None = None, *,
+                prompt_lens: Sequence[int] | None = None) -> list[Capture]:
+        """Exact mode: one prefill pass over finished conversations (token ids); every span is
+        read from the full sequence, so a response span covers every response token.
+
+        With ``prompt_lens`` the built-in spans split each sequence at P: ``prompt`` = [0, P),
+        ``response`` = [P, len), ``last_prompt`` = P−1 (the persona pipelines' definition);
+        without, the whole sequence is the prompt and only named spans cover the rest.
+        """
+        specs = as_specs(specs, len(sequences))
+        if prompt_lens is not None:
+            prompt_lens = [int(p) for p in prompt_lens]
+            if len(prompt_lens) != len(sequences):
+                raise SpecError("prompt_lens", f"{len(prompt_lens)} lengths for "
+                                f"{len(sequences)} sequences")
+            for i, (p, s) in enumerate(zip(prompt_lens, sequences)):
+                if not 1 <= p <= len(s):
+                    raise SpecError(f"prompt_lens[{i}]", f"{p} not in 1..{len(s)}")
+        full = [s if s is not None and s.capture is not None else
+                RequestSpec(steer=s.steer if s else (), capture=CaptureSpec(response=False),
+                            key=s.key if s else None) for s in specs]
+        res = self.generate(list(sequences), SamplingOptions(max_tokens=1), full, _max_tokens=1,
+                            _prompt_lens=prompt_lens)
+        return [r.capture for r in res]
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the engine core and free its memory; safe to call twice. On CUDA the reading
+        after (``memory_after``) can be compared with ``memory_before``."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            log.exception("vLLM engine core shutdown raised")
+        del llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        except Exception:
+            log.debug("torch.cuda.empty_cache failed", exc_info=True)
+        self.memory_after = _gpu_memory()
+
+    @property
+    def memory_released(self) -> int | None:
+        """Bytes still in use after shutdown compared to before start (CUDA only)."""
+        if self.memory_before is None or self.memory_after is None:
+            return None
+        return self.memory_after["used"] - self.memory_before["used"]

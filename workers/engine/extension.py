@@ -1,0 +1,345 @@
+"""The vLLM worker extension: per-request steering and capture hooks inside the worker process.
+
+vLLM mixes :class:`SteeringExtension` into its worker class (``worker_extension_cls``); the
+engine calls its ``steering_*`` methods by name through ``LLM.collective_rpc``.
+
+How a forward step runs:
+
+1. A forward *pre*-hook on the top model builds a :class:`_Plan` once per step from host data
+   (``runner.current_step``): which requests in the batch carry a spec, their row ranges and
+   absolute positions, their compiled ops per layer, and for capture the (row → accumulator
+   slot) index tensors per layer set. No active request → no plan, and every layer hook
+   returns at once: an unsteered request costs a few dict lookups per step.
+2. A forward hook on each decoder layer sees ``(delta, residual)``; the hidden state is
+   ``residual + delta``. Steering rewrites ``delta`` in place for the request's rows
+   (:mod:`.ops`), then capture gathers the (steered) rows and ``index_add_``\\ s them into fp32
+   running sums on the device. Counts are known on the host. Nothing syncs with the device.
+3. After ``generate`` the engine calls :meth:`steering_collect`: only then do the means cross
+   to the CPU, and the request's slots are freed.
+
+Every layer hook that fires is counted per request; an exception inside a hook is recorded on
+the requests of that step (the engine raises it naming them) instead of killing the engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from workers.engine import runner as rn
+from workers.engine.ops import CompiledOps
+from workers.engine.spec import RequestSpec
+
+log = logging.getLogger(__name__)
+
+WIRE_KEY = "chatspace"  # SamplingParams.extra_args[WIRE_KEY] = {"uid", "spec", "steer_key"}
+
+
+@dataclass
+class _Req:
+    uid: str
+    spec: RequestSpec
+    ops: CompiledOps | None
+    cap_layers: tuple[int, ...] = ()
+    spans: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    covered: dict[str, list[int]] = field(default_factory=dict)
+    steer_layers: frozenset[int] = frozenset()
+    hook_calls: int = 0
+    errors: list[str] = field(default_factory=list)
+    raw_rows: dict[int, list[torch.Tensor]] | None = None
+    raw_positions: list[int] | None = None
+
+
+@dataclass
+class _Plan:
+    reqs: list[_Req]
+    steer: dict[int, list[tuple[object, object]]]  # layer -> [(LayerOps, slice | index)]
+    capture: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(rows, slots)]
+    raw: dict[int, list[tuple[_Req, int, int]]]  # layer -> [(req, row0, row1)]
+    fired: dict[int, int] = field(default_factory=dict)  # layer -> hook calls this step
+
+
+class _State:
+    """All per-worker steering state; one attribute on the worker (no name clashes)."""
+
+    def __init__(self, worker):
+        self.runner = worker.model_runner
+        self.rank = int(getattr(worker, "rank", 0) or 0)
+        self.kind = rn.check_runner(self.runner)
+        self.layers = rn.decoder_layers(self.runner)
+        self.device = rn.device_of(self.runner)
+        self.hidden = int(self.runner.model_config.get_hidden_size())
+        self.seen: dict[str, _Req | None] = {}
+        self.by_uid: dict[str, _Req] = {}
+        self.compiled: dict[str, CompiledOps] = {}
+        self.acc: torch.Tensor | None = None  # (num_layers, capacity, hidden) fp32 sums
+        self.free: list[int] = []
+        self.plan: _Plan | None = None
+        self.handles: list = []
+        self.global_errors: list[str] = []
+
+    # ---- request registry -------------------------------------------------------------
+    def lookup(self, req_id: str) -> _Req | None:
+        if req_id in self.seen:
+            return self.seen[req_id]
+        info = rn.request_info(self.runner, req_id)
+        wire = (info.extra_args or {}).get(WIRE_KEY)
+        req = None
+        if wire:
+            req = self._new_req(wire, int(wire.get("prompt_len") or info.num_prompt_tokens))
+        self.seen[req_id] = req
+        return req
+
+    def _new_req(self, wire: dict, n_prompt: int) -> _Req:
+        spec = RequestSpec.from_wire(wire["spec"])
+        ops = None
+        if spec.steer:
+            key = wire.get("steer_key") or repr(wire["spec"]["steer"])
+            ops = self.compiled.get(key)
+            if ops is None:
+                ops = self.compiled[key] = CompiledOps.compile(spec.steer, device=self.device)
+        req = _Req(uid=wire["uid"], spec=spec, ops=ops,
+                   steer_layers=ops.layers if ops else frozenset())
+        cap = spec.capture
+        if cap is not None:
+            req.cap_layers = tuple(cap.layers) if cap.layers is not None else tuple(
+                range(len(self.layers)))
+            if cap.prompt:
+                req.spans["prompt"] = (0, n_prompt)
+            if cap.response:
+                req.spans["response"] = (n_prompt, None)
+            if cap.last_prompt and n_prompt > 0:
+                req.spans["last_prompt"] = (n_prompt - 1, n_prompt)
+            for s in cap.spans:
+                req.spans[s.name] = (s.start, s.end)
+            for name in req.spans:
+                req.slots[name] = self._alloc_slot()
+                req.counts[name] = 0
+            if cap.raw:
+                req.raw_rows = {layer: [] for layer in req.cap_layers}
+                req.raw_positions = []
+        self.by_uid[req.uid] = req
+        return req
+
+    def _alloc_slot(self) -> int:
+        if not self.free:
+            old = 0 if self.acc is None else self.acc.shape[1]
+            cap = max(64, 2 * old)
+            acc = torch.zeros(len(self.layers), cap, self.hidden, dtype=torch.float32,
+                              device=self.device)
+            if self.acc is not None:
+                acc[:, :old].copy_(self.acc)
+            self.acc = acc
+            self.free = list(range(cap - 1, old - 1, -1))
+        slot = self.free.pop()
+        self.acc[:, slot].zero_()
+        return slot
+
+    def release(self, req: _Req) -> None:
+        self.free.extend(req.slots.values())
+        req.slots = {}
+        self.by_uid.pop(req.uid, None)
+
+    # ---- per-step plan ----------------------------------------------------------------
+    def finish_step(self) -> None:
+        plan, self.plan = self.plan, None
+        if plan is None:
+            return
+        for req in plan.reqs:
+            layers = req.steer_layers.union(req.cap_layers)
+            req.hook_calls += sum(plan.fired.get(layer, 0) for layer in layers)
+
+    def build_plan(self) -> None:
+        self.finish_step()
+        step = rn.current_step(self.runner)
+        if step is None:
+            return
+        active = []
+        for i, rid in enumerate(step.req_ids):
+            req = self.lookup(rid)
+            if req is not None:
+                active.append((req, step.row_starts[i], step.row_ends[i], step.pos_starts[i]))
+        if not active:
+            return
+        self.plan = self._compile_plan(active)
+
+    def _compile_plan(self, active) -> _Plan:
+        steer_groups: dict[int, tuple[object, list[list[int]]]] = {}
+        cap_groups: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        raw: dict[int, list] = {}
+        for req, r0, r1, p0 in active:
+            if r1 <= r0:
+                continue
+            if req.ops is not None:
+                _, ranges = steer_groups.setdefault(id(req.ops), (req.ops, []))
+                if ranges and ranges[-1][1] == r0:
+                    ranges[-1][1] = r1
+                else:
+                    ranges.append([r0, r1])
+            if req.cap_layers:
+                rows, slots = cap_groups.setdefault(req.cap_layers, ([], []))
+                p1 = p0 + (r1 - r0)
+                for name, (a, b) in req.spans.items():
+                    lo, hi = max(a, p0), p1 if b is None else min(b, p1)
+                    if hi <= lo:
+                        continue
+                    rows.append(np.arange(r0 + lo - p0, r0 + hi - p0))
+                    slots.append(np.full(hi - lo, req.slots[name]))
+                    req.counts[name] += hi - lo
+                    cov = req.covered.setdefault(name, [lo, hi])
+                    cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
+                if req.raw_rows is not None:
+                    req.raw_positions.extend(range(p0, p1))
+                    for layer in req.cap_layers:
+                        raw.setdefault(layer, []).append((req, r0, r1))
+        steer: dict[int, list] = {}
+        for ops, ranges in steer_groups.values():
+            if len(ranges) == 1:
+                where = slice(*ranges[0])
+            else:
+                where = self._to_device(np.concatenate([np.arange(a, b) for a, b in ranges]))
+            for layer, layer_ops in ops.by_layer.items():
+                steer.setdefault(layer, []).append((layer_ops, where))
+        capture: dict[int, list] = {}
+        for layers, (rows, slots) in cap_groups.items():
+            if not rows:
+                continue
+            pair = (self._to_device(np.concatenate(rows)), self._to_device(np.concatenate(slots)))
+            for layer in layers:
+                capture.setdefault(layer, []).append(pair)
+        return _Plan(reqs=[a[0] for a in active], steer=steer, capture=capture, raw=raw)
+
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr.astype(np.int64))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    # ---- hooks ------------------------------------------------------------------------
+    def on_layer(self, layer: int, output) -> None:
+        plan = self.plan
+        if plan is None:
+            return
+        plan.fired[layer] = plan.fired.get(layer, 0) + 1
+        try:
+            if not (isinstance(output, tuple) and len(output) == 2
+                    and isinstance(output[1], torch.Tensor)):
+                raise TypeError(f"decoder layer {layer} ({type(self.layers[layer]).__name__}) "
+                                "did not return a (delta, residual) tuple")
+            delta, residual = output
+            for layer_ops, where in plan.steer.get(layer, ()):
+                if isinstance(where, slice):
+                    delta[where] = layer_ops.apply(delta[where], residual[where])
+                else:
+                    delta.index_copy_(0, where, layer_ops.apply(delta[where], residual[where]))
+            for rows, slots in plan.capture.get(layer, ()):
+                h = delta.index_select(0, rows).float().add_(residual.index_select(0, rows).float())
+                self.acc[layer].index_add_(0, slots, h)
+            for req, r0, r1 in plan.raw.get(layer, ()):
+                req.raw_rows[layer].append(delta[r0:r1].float() + residual[r0:r1].float())
+        except Exception as exc:  # noqa: BLE001 - recorded and raised by the engine
+            msg = f"layer {layer}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            for req in plan.reqs:
+                if not req.errors:
+                    req.errors.append(msg)
+            self.plan = None
+
+    def collect(self, req: _Req) -> dict:
+        out = {"hook_calls": req.hook_calls, "errors": list(req.errors)}
+        if req.spec.capture is not None and self.rank == 0:
+            layers = list(req.cap_layers)
+            idx = torch.tensor(layers, device=self.device)
+            means, counts, positions = {}, {}, {}
+            for name, slot in req.slots.items():
+                n = req.counts[name]
+                counts[name] = n
+                if n == 0:
+                    continue
+                means[name] = pack((self.acc[idx, slot] / n).cpu())
+                positions[name] = tuple(req.covered[name])
+            out.update(layers=layers, means=means, counts=counts, positions=positions)
+            if req.raw_rows is not None:
+                per_layer = [torch.cat(req.raw_rows[layer]) if req.raw_rows[layer] else
+                             torch.zeros(0, self.hidden) for layer in layers]
+                out["raw"] = pack(torch.stack(per_layer, dim=1).cpu())
+                out["raw_positions"] = list(req.raw_positions)
+        self.release(req)
+        return out
+
+
+def pack(t: torch.Tensor) -> dict:
+    """An fp32 CPU tensor as plain bytes: what survives vLLM's RPC serialisation intact."""
+    return {"shape": list(t.shape), "data": t.contiguous().float().numpy().tobytes()}
+
+
+def unpack(d: dict) -> torch.Tensor:
+    return torch.frombuffer(bytearray(d["data"]), dtype=torch.float32).reshape(d["shape"])
+
+
+def _returns_residual(layer: torch.nn.Module) -> bool:
+    try:
+        return "residual" in inspect.signature(layer.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class SteeringExtension:
+    """Mixed into vLLM's worker; every public name is prefixed ``steering_``."""
+
+    def steering_install(self) -> dict:
+        """Check the runner and model, register the hooks; returns what the engine needs."""
+        state = getattr(self, "_chatspace", None)
+        if state is None:
+            state = _State(self)
+            bad = [type(layer).__name__ for layer in state.layers if not _returns_residual(layer)]
+            if bad:
+                model = type(rn.top_model(state.runner)).__name__
+                raise rn.UnsupportedRunner(
+                    f"model {model}: decoder layer {bad[0]} does not take/return a residual "
+                    "stream ((delta, residual) tuple), so steering and capture cannot hook it")
+            self._chatspace = state
+            self.steering_hooks(True)
+        return {"runner_kind": state.kind, "num_layers": len(state.layers),
+                "hidden_size": state.hidden, "device": str(state.device),
+                "layer_class": type(state.layers[0]).__name__,
+                "model_class": type(rn.top_model(state.runner)).__name__}
+
+    def steering_hooks(self, enabled: bool) -> int:
+        """(Un)register the hooks; returns how many are registered. Used by tests to prove
+        that missing hooks are detected."""
+        state: _State = self._chatspace
+        for h in state.handles:
+            h.remove()
+        state.handles = []
+        if enabled:
+            top = rn.top_model(state.runner)
+            state.handles.append(top.register_forward_pre_hook(lambda m, a: state.build_plan()))
+            for i, layer in enumerate(state.layers):
+                state.handles.append(layer.register_forward_hook(
+                    lambda m, a, out, _i=i: state.on_layer(_i, out)))
+        return len(state.handles)
+
+    def steering_reset(self) -> None:
+        """Forget every request (called before each generate: nothing is in flight then)."""
+        state: _State = self._chatspace
+        state.plan = None
+        for req in list(state.by_uid.values()):
+            state.release(req)
+        state.seen.clear()
+
+    def steering_collect(self, uids: list[str]) -> dict[str, dict]:
+        """Results of finished requests by uid; frees their device slots."""
+        state: _State = self._chatspace
+        state.finish_step()
+        out = {}
+        for uid in uids:
+            req = state.by_uid.get(uid)
+            out[uid] = state.collect(req) if req is not None else None
+        return out
