@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-import pytest
 
 TOKEN = "tok-3c1f0b9e5a7d2468"
 S3_SECRET = "s3-secret-8e2d41f7c9"
@@ -68,8 +67,8 @@ def start(app, port: int):
     return server, thread
 
 
-@pytest.fixture
-def api(pg_url, monkeypatch):
+def serve(pg_url: str, monkeypatch):
+    """Generator behind each test module's ``api`` fixture: yields a running Server."""
     from app.api import create_app
     from app.db import dispose_all, upgrade
     from app.settings import get_settings

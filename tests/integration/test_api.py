@@ -10,7 +10,13 @@ import logging
 import pytest
 from sqlalchemy import func, select
 
-from tests.integration.api_server import S3_SECRET, TOKEN, api  # noqa: F401 - fixture
+from tests.integration.api_server import S3_SECRET, TOKEN, serve
+
+
+@pytest.fixture
+def api(pg_url, monkeypatch):
+    """A real API server on a fresh Postgres database (see api_server.serve)."""
+    yield from serve(pg_url, monkeypatch)
 
 OK = {"kind": "capture", "dataset": "traits_sample", "model": "tiny:qwen3", "dtype": "float32",
       "params": {"layers": [1, 3], "max_samples": 2, "batch_size": 4}}

@@ -11,7 +11,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from tests.integration.api_server import TOKEN, api  # noqa: F401 - fixture
+from tests.integration.api_server import TOKEN, serve
+
+
+@pytest.fixture
+def api(pg_url, monkeypatch):
+    """A real API server on a fresh Postgres database (see api_server.serve)."""
+    yield from serve(pg_url, monkeypatch)
 
 
 @pytest.fixture
