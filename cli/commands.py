@@ -117,6 +117,22 @@ def datasets_ls(ctx, as_json):
     emit(client(ctx).datasets(), as_json, views.datasets_table)
 
 
+@click.command()
+@click.pass_context
+def ready(ctx):
+    """Readiness of the API's database, broker and store (JSON); exit 1 when not ready."""
+    from cli.client import ApiError
+
+    try:
+        emit(client(ctx).ready(), True)
+    except ApiError as exc:
+        if exc.status != 503 or "checks" not in exc.body:
+            raise
+        emit(exc.body, True)
+        return 1
+    return 0
+
+
 @click.group()
 def db():
     """Database schema."""
@@ -173,5 +189,5 @@ def worker(**kwargs):
 
 
 def register(cli: click.Group) -> None:
-    for command in (artifacts, workers, datasets, db, api, worker):
+    for command in (artifacts, workers, datasets, ready, db, api, worker):
         cli.add_command(command)

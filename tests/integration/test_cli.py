@@ -206,3 +206,47 @@ def test_in_process_on_the_embedded_default(run, monkeypatch):
     from app.db import dispose_all
 
     dispose_all()
+
+
+@pytest.fixture
+def api_s3(pg_url, s3_bucket, monkeypatch):
+    """The API on Postgres with artifacts in an S3-compatible server (presigned URLs)."""
+    yield from serve(pg_url, monkeypatch)
+
+
+def test_artifacts_on_s3_download_through_presigned_urls(api_s3, run, tmp_path):
+    from app.storage import get_store
+
+    api = api_s3
+    key = "chatspace/tiny_qwen3/traits_sample/float32/j1/curious.safetensors"
+    get_store(api.settings).put_bytes(key, b"activations-on-s3")
+    url = run("artifacts", "url", key, "--expires", "120", url=api.url)
+    assert url.exit_code == 0 and url.stdout.startswith("http") and "Signature" in url.stdout
+    out = tmp_path / "got.safetensors"
+    r = run("artifacts", "get", key, "-o", str(out), url=api.url)
+    assert r.exit_code == 0 and out.read_bytes() == b"activations-on-s3", r.output
+    assert ok_json(run("ready", url=api.url)) == {
+        "status": "ok", "checks": {"database": "ok", "broker": "ok", "store": "ok"}}
+    r = run("artifacts", "get", "chatspace/missing", "-o", str(tmp_path / "m"), url=api.url)
+    assert r.exit_code == 2 and "key" in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_worker_command_hands_its_options_to_the_workers_runtime(run, monkeypatch):
+    import workers.cli
+
+    seen = {}
+    monkeypatch.setattr(workers.cli, "run_worker", lambda **kw: seen.update(kw) or 0)
+    r = run("worker", "--model", "tiny:qwen3", "--dtype", "float32", "--gpus", "0,1",
+            "--max-jobs", "2", "--exit-when-idle")
+    assert r.exit_code == 0, r.output
+    assert seen == {"model": "tiny:qwen3", "dtype": "float32", "gpus": "0,1", "queues": None,
+                    "name": None, "max_jobs": 2, "exit_when_idle": True}
+
+
+def test_ready_reports_the_broken_dependency(api, run, monkeypatch):
+    """In-process on Postgres with an unreachable broker: `ready` names it and exits 1."""
+    monkeypatch.setenv("CHATSPACE_BROKER_URL", "redis://127.0.0.1:1/0")
+    r = run("ready")
+    assert r.exit_code == 1, r.output
+    checks = json.loads(r.stdout)["checks"]
+    assert checks["database"] == "ok" and checks["broker"].startswith("error")
