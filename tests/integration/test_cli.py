@@ -250,3 +250,43 @@ def test_ready_reports_the_broken_dependency(api, run, monkeypatch):
     assert r.exit_code == 1, r.output
     checks = json.loads(r.stdout)["checks"]
     assert checks["database"] == "ok" and checks["broker"].startswith("error")
+
+
+def test_api_command_serves_with_the_real_dispatch(pg_url, redis_url, tmp_path):
+    """`chatspace-jobs api` in its own process: migrated Postgres, Redis broker, the workers'
+    dispatch wired in (the job gets an ``enqueued`` event and a message on its queue)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+    import redis
+
+    from app.db import upgrade
+    from tests.conftest import ROOT, free_port, wait_port
+
+    upgrade(pg_url)
+    port = free_port()
+    env = {**os.environ, "CHATSPACE_DATABASE_URL": pg_url, "CHATSPACE_BROKER_URL": redis_url,
+           "CHATSPACE_API_TOKENS": json.dumps([TOKEN]), "CHATSPACE_DATA_DIR": str(tmp_path)}
+    with open(tmp_path / "api.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from cli.main import main; main()",
+                                 "api", "--port", str(port)], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, timeout=60)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}",
+                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert http.get("/healthz").status_code == 200
+        job = http.post("/jobs", json={"dataset": "traits_sample", "params": {"max_samples": 1}})
+        assert job.status_code == 201, job.text
+        kinds = [e["kind"] for e in http.get(f"/jobs/{job.json()['id']}/events").json()["events"]]
+        assert "enqueued" in kinds and "waiting" in kinds  # no live worker serves it yet
+        assert redis.Redis.from_url(redis_url).llen("chatspace.tiny_qwen3.float32") == 1
+        r = http.post("/workers/nobody/release")
+        assert r.status_code == 404  # control is wired (not 503), the worker is unknown
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    text = (tmp_path / "api.log").read_text()
+    assert TOKEN not in text and "Traceback" not in text, text[-2000:]
