@@ -315,3 +315,34 @@ def test_no_secret_in_any_answer_or_log_line(api, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert TOKEN not in logged and S3_SECRET not in logged
 
+
+
+def test_enqueue_runs_after_commit_and_its_failure_keeps_the_job(api):
+    """The enqueue callback sees the job committed (read from another connection); an
+    enqueue that raises still leaves a queued job for the reconciler."""
+    from app.api import create_app
+    from app.models import Job
+    from tests.conftest import free_port
+    from tests.integration.api_server import start
+
+    seen = []
+
+    def enqueue(job_id):
+        with api.session() as s:  # a different connection: sees only committed rows
+            job = s.get(Job, job_id)
+            seen.append((job_id, job.state if job else None))
+        raise ConnectionError("broker down")
+
+    port = free_port()
+    server, thread = start(create_app(api.settings, enqueue=enqueue), port)
+    try:
+        import httpx
+
+        r = httpx.post(f"http://127.0.0.1:{port}/jobs", json=OK,
+                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert r.status_code == 201, r.text
+    assert seen == [(r.json()["id"], "queued")]
+    assert job_count(api) == 1
