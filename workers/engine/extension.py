@@ -93,7 +93,12 @@ class _State:
         wire = (info.extra_args or {}).get(WIRE_KEY)
         req = None
         if wire:
-            req = self._new_req(wire, int(wire.get("prompt_len") or info.num_prompt_tokens))
+            try:
+                req = self._new_req(wire, int(wire.get("prompt_len") or info.num_prompt_tokens))
+            except Exception as exc:  # noqa: BLE001 - a bad spec fails its request, not vLLM
+                req = _Req(uid=str(wire.get("uid")), spec=RequestSpec(), ops=None,
+                           errors=[_describe("spec", exc)])
+                self.by_uid[req.uid] = req
         self.seen[req_id] = req
         return req
 
@@ -161,6 +166,16 @@ class _State:
         step = rn.current_step(self.runner)
         if step is None:
             return
+        try:
+            self._build_plan(step)
+        except Exception as exc:  # noqa: BLE001 - recorded on the step's requests
+            self.plan = None
+            for rid in step.req_ids:
+                req = self.seen.get(rid)
+                if req is not None:
+                    req.errors.append(_describe("step plan", exc))
+
+    def _build_plan(self, step: rn.StepView) -> None:
         active = []
         for i, rid in enumerate(step.req_ids):
             req = self.lookup(rid)
@@ -245,7 +260,7 @@ class _State:
             for req, r0, r1 in plan.raw.get(layer, ()):
                 req.raw_rows[layer].append(delta[r0:r1].float() + residual[r0:r1].float())
         except Exception as exc:  # noqa: BLE001 - recorded and raised by the engine
-            msg = f"layer {layer}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            msg = _describe(f"layer {layer}", exc)
             for req in plan.reqs:
                 if not req.errors:
                     req.errors.append(msg)
@@ -272,6 +287,10 @@ class _State:
                 out["raw_positions"] = list(req.raw_positions)
         self.release(req)
         return out
+
+
+def _describe(where: str, exc: BaseException) -> str:
+    return f"{where}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}"
 
 
 def pack(t: torch.Tensor) -> dict:
