@@ -45,6 +45,9 @@ def _model_dir(args) -> tuple[str, str]:
                                 num_heads=args.heads, num_kv_heads=args.kv_heads,
                                 head_dim=args.head_dim, vocab_size=args.vocab,
                                 intermediate_size=args.intermediate)
+        # A config without ``architectures`` is loaded by vLLM as a pooling model.
+        cfg.architectures = [type(cfg).__name__.replace("TextConfig", "ForCausalLM")
+                             .replace("Config", "ForCausalLM")]
         cfg.save_pretrained(out)
         tiny.build_tokenizer(family).save_pretrained(out)
         return str(out), "dummy"
