@@ -173,16 +173,17 @@ class SteeringEngine:
                 raise SpecError(f"specs[{i}].{exc.field}", exc.message) from None
 
     def _params(self, options: SamplingOptions, spec: RequestSpec | None, uid: str,
-                max_tokens: int | None = None, prompt_len: int | None = None):
+                max_tokens: int | None = None, prompt_len: int | None = None,
+                key: str | None = None):
         from vllm import SamplingParams
 
         kw = {"max_tokens": max_tokens or options.max_tokens, "temperature": options.temperature,
                   "top_p": options.top_p, "seed": options.seed, "ignore_eos": options.ignore_eos,
                   "stop_token_ids": list(options.stop_token_ids)}
         if spec is not None and spec.active:
+            bare = RequestSpec(capture=spec.capture, key=spec.key)  # vectors go by key
             kw["extra_args"] = {"chatspace": {
-                "uid": uid, "spec": spec.to_wire(),
-                "steer_key": steer_key(spec) if spec.steer else None, "prompt_len": prompt_len}}
+                "uid": uid, "spec": bare.to_wire(), "steer_key": key, "prompt_len": prompt_len}}
             if spec.capture is not None:
                 # A prefix-cache hit skips the forward of the cached rows: capture would miss them.
                 kw["skip_reading_prefix_cache"] = True
@@ -201,14 +202,23 @@ class SteeringEngine:
         uids = [f"{self._calls}-{i}" for i in range(len(prompts))]
         inputs, params = [], []
         lens = list(_prompt_lens) if _prompt_lens is not None else [None] * len(prompts)
+        keys: dict[int, str] = {}  # id(spec) -> steer key: hash each distinct spec once
+        register: dict[str, list[dict]] = {}
         for prompt, spec, uid, plen in zip(prompts, specs, uids, lens):
             item = {"prompt": prompt} if isinstance(prompt, str) else {
                 "prompt_token_ids": [int(t) for t in prompt]}
+            key = None
             if spec is not None and spec.steer:
-                item["cache_salt"] = steer_key(spec)
+                key = keys.get(id(spec))
+                if key is None:
+                    key = keys[id(spec)] = steer_key(spec)
+                    register[key] = [op.to_wire() for op in spec.steer]
+                item["cache_salt"] = key
             inputs.append(item)
-            params.append(self._params(options, spec, uid, _max_tokens, plen))
+            params.append(self._params(options, spec, uid, _max_tokens, plen, key))
         self._llm.collective_rpc("steering_reset")
+        if register:
+            self._llm.collective_rpc("steering_register", args=(register,))
         try:
             outs = self._llm.generate(inputs, params, use_tqdm=False)
         except Exception as exc:

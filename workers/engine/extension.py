@@ -33,7 +33,7 @@ import torch
 
 from workers.engine import runner as rn
 from workers.engine.ops import CompiledOps
-from workers.engine.spec import RequestSpec
+from workers.engine.spec import RequestSpec, SteerOp
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,11 @@ class _State:
     def _new_req(self, wire: dict, n_prompt: int) -> _Req:
         spec = RequestSpec.from_wire(wire["spec"])
         ops = None
-        if spec.steer:
-            key = wire.get("steer_key") or repr(wire["spec"]["steer"])
-            ops = self.compiled.get(key)
-            if ops is None:
-                ops = self.compiled[key] = CompiledOps.compile(spec.steer, device=self.device)
+        key = wire.get("steer_key")
+        if key is not None:  # registered once per generate call (steering_register)
+            ops = self.compiled[key]
+        elif spec.steer:  # inline vectors: direct use without the engine
+            ops = CompiledOps.compile(spec.steer, device=self.device)
         req = _Req(uid=wire["uid"], spec=spec, ops=ops,
                    steer_layers=ops.layers if ops else frozenset())
         cap = spec.capture
@@ -344,6 +344,17 @@ class SteeringExtension:
                 state.handles.append(layer.register_forward_hook(
                     lambda m, a, out, _i=i: state.on_layer(_i, out)))
         return len(state.handles)
+
+    def steering_register(self, steer: dict[str, list[dict]]) -> None:
+        """Compile each distinct steering spec once (by key); requests then carry only the
+        key, not hidden-size vectors per request and per layer."""
+        state: _State = self._chatspace
+        if len(state.compiled) > 1024:
+            state.compiled.clear()
+        for key, ops in steer.items():
+            if key not in state.compiled:
+                state.compiled[key] = CompiledOps.compile(
+                    [SteerOp.from_wire(o) for o in ops], device=state.device)
 
     def steering_reset(self) -> None:
         """Forget every request (called before each generate: nothing is in flight then)."""
