@@ -54,7 +54,7 @@ def job_state(job_id: str) -> dict:
         items = s.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
         events = s.execute(select(JobEvent).where(JobEvent.job_id == job_id)
                            .order_by(JobEvent.id)).scalars().all()
-        return {"id": job_id, "state": job.state, "failure_kind": job.failure_kind,
+        return {"id": job_id, "kind": job.kind, "state": job.state, "failure_kind": job.failure_kind,
                 "error": job.error, "prefix": job.artifact_prefix,
                 "items": [{"id": i.id, "persona": i.persona, "state": i.state,
                            "attempt": i.attempt, "key": i.artifact_key,
@@ -118,8 +118,8 @@ def verify_jobs(job_ids, *, scenario: str, expect: str = "succeeded",
             assert manifest is None, f"job {job_id} is {row['state']} but has a manifest"
             for item in row["items"]:  # items that did finish are still intact and single
                 if item["state"] == "succeeded":
-                    fig.personas_stored += _check_persona(store, item, objects, art_rows,
-                                                          art_sha, None)
+                    fig.personas_stored += _check_persona(store, row["kind"], item, objects,
+                                                          art_rows, art_sha, None)
             fig.duplicates += sum(max(0, n - 1) for n in done_events.values())
             continue
         assert manifest is not None, f"succeeded job {job_id} has no manifest"
@@ -132,7 +132,7 @@ def verify_jobs(job_ids, *, scenario: str, expect: str = "succeeded",
             if item["state"] != "succeeded" or item["persona"] not in entries:
                 fig.lost += 1
                 continue
-            stored = _check_persona(store, item, objects, art_rows, art_sha,
+            stored = _check_persona(store, row["kind"], item, objects, art_rows, art_sha,
                                     entries[item["persona"]])
             fig.personas_stored += stored
             fig.lost += 1 - stored
@@ -141,9 +141,9 @@ def verify_jobs(job_ids, *, scenario: str, expect: str = "succeeded",
     return fig
 
 
-def _check_persona(store, item, objects, art_rows, art_sha, entry) -> int:
+def _check_persona(store, kind, item, objects, art_rows, art_sha, entry) -> int:
     """1 when the persona has exactly one artifact whose bytes match every recorded sha."""
-    suffix = f"/{item['persona']}.safetensors"
+    suffix = f"/{item['persona']}.{'safetensors' if kind == 'capture' else 'jsonl'}"
     copies = [o for o in objects if o.key.endswith(suffix)]
     assert len(copies) == 1, f"persona {item['persona']}: {len(copies)} artifacts {copies}"
     key = copies[0].key

@@ -30,6 +30,9 @@ from tests.conftest import ROOT, free_port
 from tests.reliability.services import PrivatePostgres, PrivateRedis, SwitchableProxy
 
 MODEL, DTYPE = "tiny:qwen3", "float32"
+# capture (activations) by default; CHATSPACE_RELIABILITY_KIND=rollout runs the same scenarios
+# on rollout artifacts (responses) — the mechanics under test are the same.
+KIND = os.environ.get("CHATSPACE_RELIABILITY_KIND", "capture")
 TOKEN = "rel-token-5b0c9e"
 
 
@@ -123,7 +126,7 @@ class Stack:
             proc.wait(10)
 
     # -- jobs -----------------------------------------------------------------------------
-    def submit(self, dataset: str = "traits_sample", kind: str = "capture",
+    def submit(self, dataset: str = "traits_sample", kind: str = KIND,
                client: httpx.Client | None = None, **params) -> str:
         body = {"kind": kind, "dataset": dataset, "model": MODEL, "dtype": DTYPE,
                 "params": {"max_samples": 2, "max_tokens": 4, "batch_size": 2,

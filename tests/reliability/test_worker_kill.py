@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.reliability.checks import StatusPoller, verify_jobs, wait_jobs
+from tests.reliability.checks import TERMINAL, StatusPoller, job_state, verify_jobs, wait_jobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -21,13 +21,10 @@ def test_sigkill_mid_job_new_worker_completes(stack):
     job = stack.submit(max_samples=3, batch_size=1, max_tokens=6)
     first = stack.start_worker("rel-kill-a")
     with StatusPoller(stack.http, [job]) as poll:
-        rows = wait_jobs([job], timeout=150, logs=stack.log_tail, until=lambda r: any(
-            i["state"] == "succeeded" for i in r[job]["items"]))
+        wait_jobs([job], timeout=150, logs=stack.log_tail, until=lambda r: r[job]["state"]
+                  in TERMINAL or any(i["state"] == "succeeded" for i in r[job]["items"]))
         stack.kill(first, signal.SIGKILL, group=False)
         killed_at = time.monotonic()
-        row = rows[job]
-        from tests.reliability.checks import job_state
-
         row = job_state(job)
         in_flight = [i["persona"] for i in row["items"] if i["state"] == "running"]
         done_before = {i["persona"]: i["attempt"] for i in row["items"]
