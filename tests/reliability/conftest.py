@@ -158,6 +158,22 @@ def _make_bucket(endpoint: str) -> str:
     return bucket
 
 
+def datasets_root(root: Path) -> Path:
+    """The shipped samples plus ``one_persona`` (1 persona, 1 question): the burst's job."""
+    import shutil
+
+    from app.datasets import SAMPLES_DIR
+
+    shutil.copytree(SAMPLES_DIR, root)
+    one = root / "one_persona"
+    (one / "instructions").mkdir(parents=True)
+    (one / "instructions" / "terse.json").write_text(json.dumps(
+        {"instruction": [{"pos": "Answer in one word.", "neg": "Answer at length."}]}))
+    (one / "questions.jsonl").write_text(json.dumps({"question": "Why is the sky blue?",
+                                                     "id": 0}) + "\n")
+    return root
+
+
 def stack_env(monkeypatch, **values) -> None:
     for k, v in values.items():
         monkeypatch.setenv(k, str(v))
@@ -186,6 +202,7 @@ def stack(private_pg, s3_endpoint, tmp_path, monkeypatch):
               CHATSPACE_ENGINE_BACKEND="hf",
               CHATSPACE_HEARTBEAT_S=1, CHATSPACE_LEASE_S=5, CHATSPACE_WORKER_STALE_S=4,
               CHATSPACE_REAPER_INTERVAL_S=1,
+              CHATSPACE_DATASETS_ROOT=datasets_root(tmp_path / "datasets"),
               CHATSPACE_API_TOKENS=json.dumps([TOKEN]), CHATSPACE_API_TOKEN=TOKEN)
     upgrade(db_url)
     s = Stack(pg=private_pg, db_url=db_url, redis=redis, proxy=proxy, s3_direct=s3_endpoint,
