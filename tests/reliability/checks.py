@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-REPORT_ENV = "CHATSPACE_RELIABILITY_REPORT"
+REPORT_ENV = "CHATSPACE_TEST_RELIABILITY_REPORT"
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Figures:
     notes: list[str] = field(default_factory=list)
 
     def record(self) -> None:
-        """Append this row to the report file named by CHATSPACE_RELIABILITY_REPORT."""
+        """Append this row to the report file named by CHATSPACE_TEST_RELIABILITY_REPORT."""
         path = os.environ.get(REPORT_ENV)
         if path:
             with open(path, "a") as f:

@@ -30,9 +30,9 @@ from tests.conftest import ROOT, free_port
 from tests.reliability.services import PrivatePostgres, PrivateRedis, SwitchableProxy
 
 MODEL, DTYPE = "tiny:qwen3", "float32"
-# capture (activations) by default; CHATSPACE_RELIABILITY_KIND=rollout runs the same scenarios
+# capture (activations) by default; CHATSPACE_TEST_RELIABILITY_KIND=rollout runs the same scenarios
 # on rollout artifacts (responses) — the mechanics under test are the same.
-KIND = os.environ.get("CHATSPACE_RELIABILITY_KIND", "capture")
+KIND = os.environ.get("CHATSPACE_TEST_RELIABILITY_KIND", "capture")
 TOKEN = "rel-token-5b0c9e"
 
 
