@@ -617,3 +617,43 @@ def reap_dead_workers(session: Session, *, stale_s: float,
                                 current_item_id=None)
                         .execution_options(synchronize_session=False))
     return list(dead)
+
+
+def release_worker_items(session: Session, *, worker: str,
+                         max_attempts: int | None = None) -> list[str]:
+    """A worker starting under ``worker``'s name gives back what a previous process of that
+    name still holds: its running items go back to queued (cancelled when their job is being
+    cancelled, failed as ``lost`` after ``max_attempts``) with a ``lost`` event.
+
+    Needed because leases are keyed by worker name and names are stable across restarts:
+    without it the new process's heartbeat would keep extending the dead attempt's leases and
+    those items would never run again. Call it before the first heartbeat. Returns the ids of
+    jobs that need re-enqueueing."""
+    if max_attempts is None:
+        from app.settings import get_settings
+
+        max_attempts = get_settings().max_item_attempts
+    q = select(JobItem.id, JobItem.job_id, JobItem.attempt).where(
+        JobItem.lease_owner == worker, JobItem.state == ItemState.RUNNING.value)
+    if _is_pg(session):
+        q = q.with_for_update(skip_locked=True)
+    requeue, finish = set(), set()
+    for row in session.execute(q).all():
+        if _cancel_requested(session, row.job_id):
+            to = ItemState.CANCELLED
+        elif row.attempt >= max_attempts:
+            to = ItemState.FAILED
+        else:
+            to = ItemState.QUEUED
+        try:
+            transition_item(session, item_id=row.id, to=to, allowed_from=[ItemState.RUNNING],
+                            attempt=row.attempt, lease_owner=worker, worker=worker,
+                            failure_kind=FailureKind.LOST,
+                            error=f"worker {worker} restarted while holding it (attempt "
+                                  f"{row.attempt})", event_kind="lost")
+        except InvalidTransition:
+            continue
+        (requeue if to is ItemState.QUEUED else finish).add(row.job_id)
+    for job_id in finish - requeue:
+        finish_job_if_done(session, job_id=job_id)
+    return sorted(requeue)

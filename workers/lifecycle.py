@@ -63,6 +63,7 @@ class WorkerServices:
             log.warning("worker %s: ending %d orphaned engine processes %s", self.name,
                         len(orphans), [p.pid for p in orphans])
             gpu.kill_processes(orphans)
+        self.release_previous_items()
         self.heartbeat()
         for target, period in ((self.heartbeat, self.settings.heartbeat_s),
                                (self.reap, self.settings.reaper_interval_s)):
@@ -78,6 +79,22 @@ class WorkerServices:
         if preload and self.model:
             self.runtime.acquire(self.model, self.dtype or self.settings.default_dtype)
             self.heartbeat()
+
+    def release_previous_items(self) -> list[str]:
+        """Give back items a killed process of this worker's name still holds, before the
+        first heartbeat would extend their leases, and send their jobs again."""
+        from app.db import session_scope
+
+        from app import jobs
+        from workers import dispatch
+
+        with session_scope() as s:
+            job_ids = jobs.release_worker_items(s, worker=self.name)
+        for job_id in job_ids:
+            log.warning("worker %s: re-queued job %s's items held by a previous process of "
+                        "this name", self.name, job_id)
+            dispatch.enqueue_job(job_id, reason="worker restarted")
+        return job_ids
 
     def stop(self) -> None:
         self._stop.set()

@@ -29,6 +29,11 @@ from workers.params import JobParams, resolve_steering
 log = logging.getLogger(__name__)
 
 
+# Our span name -> the name the engine reduces it under: the engine reserves the plain names
+# for its built-in generation spans, so the exact re-read asks for named spans instead.
+SPANS = {"response": "cs_response", "prompt": "cs_prompt", "last_prompt": "cs_last_prompt"}
+
+
 @dataclass
 class ItemContext:
     """What one persona's run needs; callbacks keep the pipeline free of database code."""
@@ -109,6 +114,28 @@ def _layers(ctx: ItemContext) -> tuple[int, ...]:
     return layers
 
 
+def template_kwargs(tokenizer) -> dict:
+    """Chat-template kwargs for a model: :func:`app.prompts.default_template_kwargs`
+    (Qwen3: no thinking) when the template then renders the generation prompt as a prefix of
+    the whole conversation; else none. Some templates accept ``enable_thinking`` for the
+    generation prompt but never write the empty think block into an assistant turn (the
+    tiny generated Qwen3's does this); with the default they could place no response span,
+    and every persona would fail. Generation and capture use the same kwargs either way."""
+    from app.prompts import build_prompt, default_template_kwargs
+
+    kwargs = default_template_kwargs(tokenizer)
+    if not kwargs:
+        return kwargs
+    try:
+        build_prompt(tokenizer, system="system", question="question", response="response",
+                     template_kwargs=kwargs)
+    except ValueError:
+        log.warning("chat template ignores %s inside a conversation; using no template "
+                    "kwargs", kwargs)
+        return {}
+    return kwargs
+
+
 def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
                          policy: BatchPolicy | None = None) -> list[dict]:
     """Per sample: the generated response and, with ``capture``, its exact-mode means."""
@@ -116,14 +143,15 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
     from workers.engine.spec import CaptureSpec, RequestSpec, Span
 
     tok = ctx.engine.tokenizer
+    kwargs = template_kwargs(tok)
     layers = _layers(ctx) if capture else ()
     policy = policy or _policy(ctx)
     options = ctx.params.sampling()
     total = len(samples)
 
     def one_batch(batch) -> list[dict]:
-        prompts = [build_prompt(tok, system=s.system_prompt or None, question=s.question)
-                   for s in batch]
+        prompts = [build_prompt(tok, system=s.system_prompt or None, question=s.question,
+                                template_kwargs=kwargs) for s in batch]
         specs = [RequestSpec(steer=tuple(steer), key=s.key) if steer else None for s in batch]
         gens = ctx.engine.generate([p.input_ids for p in prompts], options, specs)
         rows = []
@@ -134,24 +162,26 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
         if not capture:
             return rows
         fulls = [build_prompt(tok, system=r["sample"].system_prompt or None,
-                              question=r["sample"].question, response=r["response"]) for r in rows]
+                              question=r["sample"].question, response=r["response"],
+                              template_kwargs=kwargs) for r in rows]
         cspecs = []
         for r, f in zip(rows, fulls):
             start, end = f.response_span
             P = f.prompt_len
-            spans = (Span("response", start, end), Span("prompt", 0, P),
-                     Span("last_prompt", P - 1, P))
+            spans = (Span(SPANS["response"], start, end), Span(SPANS["prompt"], 0, P),
+                     Span(SPANS["last_prompt"], P - 1, P))
             cspecs.append(RequestSpec(
                 steer=tuple(steer), key=r["sample"].key,
                 capture=CaptureSpec(layers=layers, prompt=False, response=False,
                                     last_prompt=False, spans=spans)))
         caps = ctx.engine.capture([f.input_ids for f in fulls], cspecs)
         for r, c, f in zip(rows, caps, fulls):
-            if c is None or c.counts.get("response", 0) != f.response_span[1] - f.response_span[0]:
-                raise RuntimeError(f"sample {r['sample'].key}: capture covered "
-                                   f"{None if c is None else c.counts.get('response')} response "
-                                   f"tokens, expected {f.response_span[1] - f.response_span[0]}")
-            r["capture"] = c
+            want = f.response_span[1] - f.response_span[0]
+            got = None if c is None else c.counts.get(SPANS["response"])
+            if got != want:
+                raise RuntimeError(f"sample {r['sample'].key}: capture covered {got} response "
+                                   f"tokens, expected {want}")
+            r["means"] = {name: c.means[span] for name, span in SPANS.items()}
             r["response_span"] = f.response_span
         return rows
 
@@ -167,8 +197,8 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
 
     rows = generate_and_capture(ctx, samples, capture=True)
     layers = list(_layers(ctx))
-    acts = {name: np.stack([r["capture"].means[name].float().numpy() for r in rows])
-            for name in ("response", "prompt", "last_prompt")}
+    acts = {name: np.stack([r["means"][name].float().numpy() for r in rows])
+            for name in SPANS}
     keys = [r["sample"].key for r in rows]
     vectors = derive_vectors(acts["response"], keys, kind=dataset.kind,
                              scores=_scores(dataset, ctx.persona, keys))
@@ -235,8 +265,8 @@ def _rollout(ctx: ItemContext, samples) -> ItemResult:
         import torch
         from safetensors.torch import save
 
-        tensors = {f"{name}_mean": torch.stack([r["capture"].means[name] for r in rows]).float()
-                   .contiguous() for name in ("response", "prompt", "last_prompt")}
+        tensors = {f"{name}_mean": torch.stack([r["means"][name] for r in rows]).float()
+                   .contiguous() for name in SPANS}
         cap = ctx.store.put_bytes(key.rsplit(".", 1)[0] + ".activations.safetensors",
                                   save(tensors, metadata={"keys": json.dumps(
                                       [r["sample"].key for r in rows])}), overwrite=True)

@@ -51,6 +51,21 @@ def pick_backend(settings: Settings) -> str:
     return "vllm"
 
 
+def model_max_len(path: str, requested: int) -> int:
+    """``requested`` capped at the model's ``max_position_embeddings`` when its config is on
+    disk: vLLM refuses a ``max_model_len`` above what the model declares (the tiny models
+    declare 2048, below the 4096 default)."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    try:
+        declared = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return requested
+    return min(requested, int(declared)) if declared else requested
+
+
 def load_engine(model: str, dtype: str, settings: Settings):
     """Start an engine for (model, dtype) with the configured backend."""
     path = resolve_model(model, settings)
@@ -59,7 +74,7 @@ def load_engine(model: str, dtype: str, settings: Settings):
         from workers.engine.engine import SteeringEngine
 
         return SteeringEngine(
-            path, dtype=dtype, max_model_len=e.max_model_len,
+            path, dtype=dtype, max_model_len=model_max_len(path, e.max_model_len),
             gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
             max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size)
     from workers.engine.hf import HFBackend

@@ -97,6 +97,7 @@ def execute_job(job_id: str, *, worker) -> dict:
             except EngineOOM as exc:
                 _fail(job_id, item_id, attempt, worker.name, "oom", exc, requeue=False,
                       batch_size=exc.batch_size, memory=exc.memory)
+                _fail_rest(job_id, worker.name, persona, exc)
                 runtime.cleanup(on_event=event)
                 break
             except Exception as exc:
@@ -148,6 +149,30 @@ def _fail(job_id, item_id, attempt, worker, kind, exc, *, requeue, **figures) ->
         log.warning("job %s item %s: lost the lease before recording failure", job_id, item_id)
 
 
+def _fail_rest(job_id, worker, persona, exc) -> None:
+    """After a persona ran out of memory even at the smallest batch, its job fails now: the
+    personas not yet run are failed (kind ``oom``, naming the persona and the sizes) rather
+    than each spending the same halvings on a GPU that just proved too small. A retry of the
+    job queues them again and keeps every persona already done."""
+    from app.db import session_scope
+    from app.models import JobItem
+    from sqlalchemy import select
+
+    from app import jobs
+
+    reason = f"not run: persona {persona!r} ran out of memory ({str(exc)[:500]})"
+    with session_scope() as s:
+        ids = s.execute(select(JobItem.id).where(JobItem.job_id == job_id,
+                                                 JobItem.state == "queued")
+                        .order_by(JobItem.position)).scalars().all()
+        for item_id in ids:
+            try:
+                jobs.transition_item(s, item_id=item_id, to="failed", allowed_from=["queued"],
+                                     worker=worker, failure_kind="oom", error=reason)
+            except InvalidTransition:
+                continue  # claimed by another worker a moment ago; it finishes on its own
+
+
 def _progress_writer(item_id, attempt):
     """Progress rows at most every 0.5 s (and always at the end of the persona)."""
     from app.db import session_scope
@@ -180,7 +205,7 @@ def _cancel_checker(job_id):
     return cancelled
 
 
-def finish(job_id: str, *, settings, store) -> str | None:
+def finish(job_id: str, *, settings, store):
     """When every item is done: write the manifest, THEN mark the job succeeded."""
     from app.db import session_scope
 
@@ -189,11 +214,12 @@ def finish(job_id: str, *, settings, store) -> str | None:
 
     with session_scope() as s:
         manifest = build_manifest(s, job_id=job_id, settings=settings)
+    manifest_key = None
     if manifest is not None:
         prefix, body = manifest
-        store.write_manifest(prefix, body, overwrite=True)
+        manifest_key = store.write_manifest(prefix, body, overwrite=True).key
     with session_scope() as s:
-        return jobs.finish_job_if_done(s, job_id=job_id)
+        return jobs.finish_job_if_done(s, job_id=job_id, manifest_key=manifest_key)
 
 
 def load_vector(store, job_id: str, persona: str, vector_key: str, layer: int) -> list[float]:

@@ -1,7 +1,9 @@
 """End to end with a real Celery worker process, Postgres, Redis and the S3-compatible server.
 
 Never ``task_always_eager``: the worker is ``celery -A workers.celery_app worker --pool=solo``
-started by ``workers.cli.spawn_worker`` in its own process group.
+started by ``workers.cli.spawn_worker`` in its own process group. The main test runs the
+vLLM steering engine (``engine.backend=auto``); the mechanics tests (kill, OOM, cancel) use
+the transformers backend, which starts in a second instead of ~20 s.
 """
 
 from __future__ import annotations
@@ -12,9 +14,6 @@ import signal
 import numpy as np
 import pytest
 
-pytest.importorskip("app.jobs", reason="foundation (app.jobs) not in the tree yet")
-pytest.importorskip("workers.engine.hf", reason="engine backends not in the tree yet")
-
 from tests.integration import worker_helpers as h
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -24,7 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def services(pg_url, redis_url, s3_bucket, monkeypatch, tmp_path):
     """Production adapters; short heartbeats and leases so a dead worker is found fast."""
     from app.db import upgrade
-
     from app.settings import get_settings
 
     monkeypatch.setenv("CHATSPACE_DATABASE_URL", pg_url)
@@ -33,6 +31,7 @@ def services(pg_url, redis_url, s3_bucket, monkeypatch, tmp_path):
     monkeypatch.setenv("CHATSPACE_LEASE_S", "4")
     monkeypatch.setenv("CHATSPACE_WORKER_STALE_S", "4")
     monkeypatch.setenv("CHATSPACE_REAPER_INTERVAL_S", "1")
+    monkeypatch.setenv("CHATSPACE_ENGINE_MAX_MODEL_LEN", "512")
     get_settings.cache_clear()
     upgrade(pg_url)
     procs = []
@@ -41,15 +40,27 @@ def services(pg_url, redis_url, s3_bucket, monkeypatch, tmp_path):
         h.stop(p)
 
 
+def _state_changes(row, to: str) -> list[str]:
+    """Personas of the item events that moved an item to ``to``, one entry per move."""
+    persona = {i["id"]: i["persona"] for i in row["items"]}
+    return [persona[e["item_id"]] for e in row["events"]
+            if e["item_id"] is not None and e["to"] == to and e["kind"] == "state"]
+
+
 def test_capture_job_matches_direct_capture(services):
+    from workers.runtime import pick_backend
+    from app.settings import get_settings
+
+    assert pick_backend(get_settings()) == "vllm"  # the main test runs the real engine
     procs, logs = services
     job_id = h.submit("capture")
     procs.append(h.start_worker("e2e-a", logs))
-    row = h.wait_for(job_id, log_dir=logs)
+    row = h.wait_for(job_id, log_dir=logs, worker=procs[-1])
     assert row["state"] == "succeeded", row
-    assert all(i["state"] == "done" for i in row["items"])
-    arts = h.check_artifacts(job_id)
-    assert set(arts) == {i["persona"] for i in row["items"]}
+    assert all(i["state"] == "succeeded" for i in row["items"])
+    assert all(i["samples_done"] == i["samples_total"] == h.PARAMS["max_samples"] * 2
+               for i in row["items"])  # pos + neg samples per persona, progress complete
+    arts = h.check_artifacts(job_id, row)
     for persona, art in arts.items():
         ref = h.reference_vectors(art)
         # Same conversations re-read by the transformers backend in fp32. The engines differ
@@ -64,25 +75,30 @@ def test_capture_job_matches_direct_capture(services):
 
 
 def test_sigkill_mid_job_resumes_every_persona_once(services, monkeypatch):
+    """SIGKILL the worker after its first persona; a new process of the SAME name (a
+    supervisor restart) must give the dead attempt's lease back, not renew it."""
     procs, logs = services
     monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")  # mechanics, not kernels: start fast
-    job_id = h.submit("capture", {"batch_size": 1, "max_samples": 6})
-    first = h.start_worker("e2e-killed", logs)
+    job_id = h.submit("capture", {"batch_size": 1, "max_samples": 4})
+    first = h.start_worker("e2e-gpu0", logs)
     procs.append(first)
-    h.wait_for(job_id, until=lambda r: any(i["state"] == "done" for i in r["items"]),
-               log_dir=logs)
-    os.kill(first.pid, signal.SIGKILL)  # the worker only: engine children become orphans
+    h.wait_for(job_id, until=lambda r: {"succeeded", "running"} <= {i["state"]
+                                                                    for i in r["items"]},
+               log_dir=logs, worker=first, interval=0.05)
+    os.kill(first.pid, signal.SIGKILL)  # the worker only, mid-way through the second persona
     first.wait(10)
     row = h.job_row(job_id)
     assert row["state"] == "running", row
-    procs.append(h.start_worker("e2e-rescuer", logs))
-    row = h.wait_for(job_id, log_dir=logs)
+    assert any(i["state"] == "running" for i in row["items"]), row  # held by the dead one
+    procs.append(h.start_worker("e2e-gpu0", logs))
+    row = h.wait_for(job_id, log_dir=logs, worker=procs[-1])
     assert row["state"] == "succeeded", row
-    arts = h.check_artifacts(job_id)
-    assert sorted(arts) == sorted(i["persona"] for i in row["items"])
-    completed = [e["data"].get("persona") for e in row["events"] if e["kind"] == "item_done"]
-    if completed:  # when the service layer records completions, each persona exactly once
-        assert sorted(completed) == sorted(set(completed))
+    h.check_artifacts(job_id, row)
+    done = _state_changes(row, "succeeded")
+    assert sorted(done) == sorted(i["persona"] for i in row["items"])  # each exactly once
+    lost = [e for e in row["events"] if e["kind"] == "lost"]
+    assert len(lost) == 1 and lost[0]["worker"] == "e2e-gpu0", lost
+    assert max(i["attempt"] for i in row["items"]) == 2
 
 
 def test_injected_oom_halves_then_fails_with_figures(services, monkeypatch):
@@ -91,10 +107,38 @@ def test_injected_oom_halves_then_fails_with_figures(services, monkeypatch):
     monkeypatch.setenv("CHATSPACE_FAULT_OOM", "*:99")
     job_id = h.submit("capture", {"batch_size": 4})
     procs.append(h.start_worker("e2e-oom", logs))
-    row = h.wait_for(job_id, log_dir=logs)
+    row = h.wait_for(job_id, log_dir=logs, worker=procs[-1])
     assert row["state"] == "failed" and row["failure_kind"] == "oom", row
     retries = [e["data"] for e in row["events"] if e["kind"] == "oom_retry"]
     assert [r["batch_size"] for r in retries] == [4, 2]
     assert [r["next_batch_size"] for r in retries] == [2, 1]
     final = [e["data"] for e in row["events"] if e["kind"] == "oom_failed"]
-    assert final and final[0]["failed_sizes"] == [4, 2, 1] and "memory" in final[0]
+    assert len(final) == 1 and final[0]["failed_sizes"] == [4, 2, 1] and "memory" in final[0]
+    first, *rest = row["items"]
+    assert (first["state"], first["failure_kind"], first["batch_size"]) == ("failed", "oom", 1)
+    assert "batch size 1" in first["error"] and "tried 4, 2, 1" in first["error"]
+    assert all(i["state"] == "failed" and i["failure_kind"] == "oom" and "not run" in i["error"]
+               for i in rest), rest  # the job stops instead of halving every persona again
+    assert row["manifest_key"] is None
+
+
+def test_cancel_stops_between_batches(services, monkeypatch):
+    from app import jobs
+    from app.db import session_scope
+
+    procs, logs = services
+    monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")
+    job_id = h.submit("capture", {"batch_size": 1, "max_samples": 4, "max_tokens": 48})
+    procs.append(h.start_worker("e2e-cancel", logs))
+    h.wait_for(job_id, until=lambda r: r["items"][0]["samples_total"] is not None,
+               log_dir=logs, worker=procs[-1], interval=0.05)  # first persona under way
+    with session_scope() as s:
+        jobs.request_cancel(s, job_id=job_id)
+    row = h.wait_for(job_id, log_dir=logs, worker=procs[-1], timeout=60)
+    assert row["state"] == "cancelled", row
+    states = [i["state"] for i in row["items"]]
+    assert set(states) <= {"succeeded", "cancelled"} and states[-1] == "cancelled", row
+    # the persona in flight stopped at a batch boundary, its remaining samples never ran
+    stopped = [i for i in row["items"] if i["state"] == "cancelled" and i["samples_total"]]
+    assert stopped and all(i["samples_done"] < i["samples_total"] for i in stopped), row["items"]
+    assert row["manifest_key"] is None

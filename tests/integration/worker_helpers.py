@@ -61,29 +61,43 @@ def job_row(job_id: str) -> dict:
         items = s.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
         events = s.execute(select(JobEvent).where(JobEvent.job_id == job_id)
                            .order_by(JobEvent.id)).scalars().all()
-        return {"state": job.state, "failure_kind": getattr(job, "failure_kind", None),
-                "items": [{"persona": i.persona, "state": i.state, "key": i.artifact_key,
-                           "sha256": i.artifact_sha256, "done": getattr(i, "done", None)}
-                          for i in items],
-                "events": [{"kind": e.kind, "data": e.data} for e in events]}
+        return {"state": job.state, "failure_kind": job.failure_kind, "error": job.error,
+                "manifest_key": job.manifest_key, "items_done": job.items_done,
+                "items": [{"id": i.id, "persona": i.persona, "state": i.state,
+                           "attempt": i.attempt, "key": i.artifact_key,
+                           "sha256": i.artifact_sha256, "samples_done": i.samples_done,
+                           "samples_total": i.samples_total, "batch_size": i.batch_size,
+                           "failure_kind": i.failure_kind, "error": i.error}
+                          for i in sorted(items, key=lambda i: i.position)],
+                "events": [{"kind": e.kind, "data": e.data, "item_id": e.item_id,
+                            "from": e.from_state, "to": e.to_state, "worker": e.worker}
+                           for e in events]}
 
 
 def wait_for(job_id: str, states=("succeeded", "failed", "cancelled"), *, timeout=150.0,
-             until=None, log_dir: Path | None = None) -> dict:
+             until=None, log_dir: Path | None = None,
+             worker: subprocess.Popen | None = None, interval: float = 0.5) -> dict:
+    """Poll the job until it reaches ``states`` (or ``until(row)``); fail at once, with the
+    worker logs, when ``worker`` exited or after ``timeout``."""
     deadline = time.monotonic() + timeout
+    why = f"after {timeout}s"
     while time.monotonic() < deadline:
         row = job_row(job_id)
         if row["state"] in states or (until and until(row)):
             return row
-        time.sleep(0.5)
+        if worker is not None and worker.poll() is not None:
+            why = f"and its worker exited with {worker.returncode}"
+            break
+        time.sleep(interval)
     logs = ""
     if log_dir is not None:
         logs = "\n".join(p.read_text()[-3000:] for p in Path(log_dir).glob("*.log"))
-    raise AssertionError(f"job {job_id} still {row['state']} after {timeout}s: {row}\n{logs}")
+    raise AssertionError(f"job {job_id} still {row['state']} {why}: {row}\n{logs}")
 
 
-def check_artifacts(job_id: str) -> dict:
-    """Manifest present, every entry's checksum verifies, one artifact per persona."""
+def check_artifacts(job_id: str, row: dict | None = None) -> dict:
+    """Manifest present and last, every entry's checksum verifies against the store and the
+    item rows, one artifact per persona with the shapes the manifest states."""
     from app.artifacts import read_persona_artifact
     from app.settings import get_settings
     from app.storage import get_store
@@ -91,21 +105,30 @@ def check_artifacts(job_id: str) -> dict:
 
     settings = get_settings()
     store = get_store(settings)
+    row = row or job_row(job_id)
     prefix = job_prefix(settings, model=MODEL, dataset=DATASET, dtype=DTYPE, job_id=job_id)
     manifest = store.read_manifest(prefix)
     assert manifest is not None, f"no manifest under {prefix}"
-    assert manifest["model"] == MODEL and manifest["versions"]["vllm"]
+    assert row["manifest_key"] == f"{prefix}/manifest.json"
+    assert manifest["model"] == MODEL and manifest["job_id"] == job_id
+    assert manifest["versions"]["vllm"] and manifest["versions"]["torch"]
     for entry in manifest["artifacts"]:
         assert store.verify(entry["key"], entry["sha256"]), entry
     persona_entries = [e for e in manifest["artifacts"] if e["kind"] == "persona"]
     personas = [e["persona"] for e in persona_entries]
-    assert len(personas) == len(set(personas))
+    assert sorted(personas) == sorted(i["persona"] for i in row["items"])
+    by_item = {i["persona"]: (i["key"], i["sha256"]) for i in row["items"]}
+    assert {e["persona"]: (e["key"], e["sha256"]) for e in persona_entries} == by_item
     stored = [o.key for o in store.list(prefix + "/") if o.key.endswith(".safetensors")]
     assert sorted(stored) == sorted(e["key"] for e in persona_entries)
     arts = {}
     for e in persona_entries:
         art = read_persona_artifact(store.get_bytes(e["key"], expect_sha256=e["sha256"]))
+        n, n_layers, hidden = art.activations.shape
         assert list(art.activations.shape) == e["shapes"]["activations"]
+        assert n == len(art.keys) == e["n_samples"] and n_layers == len(e["layers"])
+        for name, vec in art.vectors.items():
+            assert vec.shape == (n_layers, hidden) == tuple(e["shapes"][f"vectors.{name}"])
         arts[e["persona"]] = art
     return arts
 
@@ -119,6 +142,7 @@ def reference_vectors(art, *, layers=None) -> dict:
     from app.settings import get_settings
     from app.vectors import derive_vectors
     from workers.engine.spec import CaptureSpec, RequestSpec, Span
+    from workers.pipeline import template_kwargs
     from workers.runtime import resolve_model
 
     settings = get_settings()
@@ -131,13 +155,13 @@ def reference_vectors(art, *, layers=None) -> dict:
     for key, response in zip(art.keys, art.metadata["responses"]):
         s = samples[key]
         full = build_prompt(hf.tokenizer, system=s.system_prompt or None, question=s.question,
-                            response=response)
+                            response=response, template_kwargs=template_kwargs(hf.tokenizer))
         a, b = full.response_span
         fulls.append(full.input_ids)
         specs.append(RequestSpec(key=key, capture=CaptureSpec(
             layers=tuple(layers), prompt=False, response=False, last_prompt=False,
-            spans=(Span("response", a, b),))))
+            spans=(Span("resp", a, b),))))
     caps = hf.capture(fulls, specs)
-    acts = np.stack([c.means["response"].float().numpy() for c in caps])
+    acts = np.stack([c.means["resp"].float().numpy() for c in caps])
     return {"activations": acts,
             "vectors": derive_vectors(acts, list(art.keys), kind=ds.kind).vectors}

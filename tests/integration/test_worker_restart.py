@@ -1,0 +1,72 @@
+"""A worker restarted under the same name gives back what its killed predecessor held.
+
+Leases are keyed by worker name and names are stable across restarts (one per GPU), so
+without :func:`app.jobs.release_worker_items` the new process's heartbeat would keep the dead
+attempt's leases alive forever and those personas would never run again.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from app import jobs
+from app.db import make_engine, session_factory, session_scope, upgrade
+from app.models import JobItem
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def factory(request, tmp_path):
+    url = (request.getfixturevalue("pg_url") if request.param == "postgres"
+           else f"sqlite:///{tmp_path / 'jobs.db'}")
+    upgrade(url)
+    engine = make_engine(url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def _job(factory, personas) -> str:
+    with session_scope(factory) as s:
+        return jobs.create_job(s, kind="capture", dataset="traits_sample", model="m",
+                               dtype="float32", personas=personas, queue="q").id
+
+
+def _claim(factory, job_id, worker):
+    with session_scope(factory) as s:
+        item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=600)
+        return item.id, item.attempt
+
+
+def test_restart_requeues_only_this_workers_items(factory):
+    job_id = _job(factory, ["a", "b", "c"])
+    a = _claim(factory, job_id, "gpu0")
+    b = _claim(factory, job_id, "gpu1")
+    with session_scope(factory) as s:
+        assert jobs.release_worker_items(s, worker="gpu0") == [job_id]
+        assert jobs.release_worker_items(s, worker="gpu0") == []  # nothing held any more
+        item_a, item_b = s.get(JobItem, a[0]), s.get(JobItem, b[0])
+        assert (item_a.state, item_a.lease_owner, item_a.failure_kind) == ("queued", None, "lost")
+        assert (item_b.state, item_b.lease_owner) == ("running", "gpu1")
+        assert jobs.extend_leases(s, worker="gpu0", lease_s=600) == 0
+        lost = [e for e in jobs.list_events(s, job_id=job_id) if e.kind == "lost"]
+        assert [(e.item_id, e.worker) for e in lost] == [(a[0], "gpu0")]
+    again = _claim(factory, job_id, "gpu0")  # the restarted worker runs it again
+    assert again == (a[0], a[1] + 1)
+    with session_scope(factory) as s:  # the dead attempt can no longer complete it
+        with pytest.raises(Exception, match="no longer holds"):
+            jobs.complete_item(s, item_id=a[0], attempt=a[1], worker="gpu0",
+                               artifact_key="k", artifact_sha256="0" * 64)
+
+
+def test_restart_cancels_or_fails_instead_when_due(factory):
+    job_id = _job(factory, ["a"])
+    _claim(factory, job_id, "gpu0")
+    with session_scope(factory) as s:
+        assert jobs.release_worker_items(s, worker="gpu0", max_attempts=1) == []
+        job = jobs.get_job(s, job_id=job_id)
+        assert (job.state, job.failure_kind) == ("failed", "lost")
+    other = _job(factory, ["x", "y"])
+    _claim(factory, other, "gpu0")
+    with session_scope(factory) as s:
+        jobs.request_cancel(s, job_id=other)
+        assert jobs.release_worker_items(s, worker="gpu0") == []
+        assert jobs.get_job(s, job_id=other).state == "cancelled"
