@@ -66,6 +66,20 @@ def model_max_len(path: str, requested: int) -> int:
     return min(requested, int(declared)) if declared else requested
 
 
+CPU_MEMORY_FRACTION = 0.1  # of host RAM for the KV cache when vLLM runs on the CPU
+
+
+def memory_fraction(settings: Settings) -> float:
+    """``engine.gpu_memory_utilization``, except on a host without GPUs when it was not set
+    explicitly: vLLM's CPU backend reads the same flag as the share of *host* RAM to
+    reserve, and the GPU default (0.85) refuses to start on a machine with anything else
+    running (measured: "Available memory ... is less than desired CPU memory utilization")."""
+    e = settings.engine
+    if "gpu_memory_utilization" in e.model_fields_set or gpu.visible_gpus():
+        return e.gpu_memory_utilization
+    return min(e.gpu_memory_utilization, CPU_MEMORY_FRACTION)
+
+
 def load_engine(model: str, dtype: str, settings: Settings):
     """Start an engine for (model, dtype) with the configured backend."""
     path = resolve_model(model, settings)
@@ -75,7 +89,7 @@ def load_engine(model: str, dtype: str, settings: Settings):
 
         return SteeringEngine(
             path, dtype=dtype, max_model_len=model_max_len(path, e.max_model_len),
-            gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+            gpu_memory_utilization=memory_fraction(settings), enforce_eager=e.enforce_eager,
             max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size)
     from workers.engine.hf import HFBackend
 

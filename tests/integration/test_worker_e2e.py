@@ -58,9 +58,9 @@ def test_capture_job_matches_direct_capture(services):
     row = h.wait_for(job_id, log_dir=logs, worker=procs[-1])
     assert row["state"] == "succeeded", row
     assert all(i["state"] == "succeeded" for i in row["items"])
-    assert all(i["samples_done"] == i["samples_total"] == h.PARAMS["max_samples"] * 2
-               for i in row["items"])  # pos + neg samples per persona, progress complete
     arts = h.check_artifacts(job_id, row)
+    for item in row["items"]:  # progress ended complete, counting every stored sample
+        assert item["samples_done"] == item["samples_total"] == len(arts[item["persona"]].keys)
     for persona, art in arts.items():
         ref = h.reference_vectors(art)
         # Same conversations re-read by the transformers backend in fp32. The engines differ
