@@ -89,12 +89,35 @@ class WorkerServices:
         from workers import dispatch
 
         with session_scope() as s:
+            if self._namesake_alive(s):
+                return []
             job_ids = jobs.release_worker_items(s, worker=self.name)
         for job_id in job_ids:
             log.warning("worker %s: re-queued job %s's items held by a previous process of "
                         "this name", self.name, job_id)
             dispatch.enqueue_job(job_id, reason="worker restarted")
         return job_ids
+
+    def _namesake_alive(self, session) -> bool:
+        """Another live worker process on this host already runs under this name (two
+        ``--wait`` sessions on one data directory): its items are not ours to release."""
+        import psutil
+
+        from app.models import Worker
+
+        row = session.get(Worker, self.name)
+        if row is None or row.pid in (None, os.getpid()) or row.hostname != socket.gethostname():
+            return False
+        try:
+            proc = psutil.Process(row.pid)
+            alive = (proc.status() != psutil.STATUS_ZOMBIE
+                     and proc.environ().get(gpu.WORKER_ENV) == self.name)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+        if alive:
+            log.warning("worker %s: process %d runs under the same name; not releasing its "
+                        "items (give each worker its own name)", self.name, row.pid)
+        return alive
 
     def stop(self) -> None:
         self._stop.set()

@@ -70,3 +70,40 @@ def test_restart_cancels_or_fails_instead_when_due(factory):
         jobs.request_cancel(s, job_id=other)
         assert jobs.release_worker_items(s, worker="gpu0") == []
         assert jobs.get_job(s, job_id=other).state == "cancelled"
+
+
+def test_worker_start_releases_only_a_dead_namesakes_items():
+    """Through the worker's own start-up step, on the embedded default: a live process
+    of the same name keeps its items; once it is dead they are released and re-sent."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from app.settings import get_settings
+    from workers import gpu
+    from workers.lifecycle import WorkerServices
+
+    settings = get_settings()
+    upgrade(settings.db_url)
+    factory = None  # the default factory: what the worker itself uses
+    job_id = _job(factory, ["a"])
+    item_id, _ = _claim(factory, job_id, "w-gpu0")
+    namesake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                env={**os.environ, gpu.WORKER_ENV: "w-gpu0"})
+    try:
+        with session_scope() as s:
+            jobs.upsert_worker(s, name="w-gpu0", host=socket.gethostname(), pid=namesake.pid,
+                               state="busy")
+        services = WorkerServices(name="w-gpu0", gpu_index=None, model=None, dtype=None,
+                                  queues=["q"], max_jobs=None, exit_when_idle=False)
+        assert services.release_previous_items() == []
+        with session_scope() as s:
+            assert s.get(JobItem, item_id).state == "running"
+    finally:
+        namesake.kill()
+        namesake.wait()
+    assert services.release_previous_items() == [job_id]
+    with session_scope() as s:
+        assert s.get(JobItem, item_id).state == "queued"
+        assert "enqueued" in [e.kind for e in jobs.list_events(s, job_id=job_id)]
