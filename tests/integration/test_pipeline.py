@@ -36,6 +36,10 @@ def test_embedded_default_runs_a_real_capture_job():
         assert set(again) == set(art.vectors) and "pos_neg" in again
         for name, vec in again.items():
             np.testing.assert_array_equal(art.vectors[name], vec)
+        ref = h.reference_vectors(art)  # the same conversations re-read by transformers
+        scale = max(1.0, float(np.abs(ref["activations"]).max()))
+        np.testing.assert_allclose(art.activations, ref["activations"], rtol=1e-3,
+                                   atol=1e-3 * scale)
     with session_scope() as s:  # the local worker said goodbye and holds nothing
         (worker,) = s.query(Worker).all()
         assert worker.state == "stopped" and worker.model == h.MODEL

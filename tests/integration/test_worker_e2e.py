@@ -142,3 +142,34 @@ def test_cancel_stops_between_batches(services, monkeypatch):
     stopped = [i for i in row["items"] if i["state"] == "cancelled" and i["samples_total"]]
     assert stopped and all(i["samples_done"] < i["samples_total"] for i in stopped), row["items"]
     assert row["manifest_key"] is None
+
+
+def test_rollout_steered_by_an_earlier_capture_on_the_warm_worker(services, monkeypatch):
+    """Two jobs on one worker (the engine stays warm): a capture, then a rollout steered by
+    its ``pos_neg`` vector, stored as JSONL with the spec used and listed in the manifest."""
+    import json
+
+    from app.settings import get_settings
+    from app.storage import get_store
+
+    procs, logs = services
+    monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")
+    capture_id = h.submit("capture", {"max_samples": 2})
+    procs.append(h.start_worker("e2e-roll", logs))
+    assert h.wait_for(capture_id, log_dir=logs, worker=procs[-1])["state"] == "succeeded"
+    steer = [{"op": "add", "layer": 2, "scale": 4.0,
+              "from": {"job_id": capture_id, "vector": "pos_neg"}}]
+    rollout_id = h.submit("rollout", {"max_samples": 2, "steer": steer})
+    row = h.wait_for(rollout_id, log_dir=logs, worker=procs[-1])
+    assert row["state"] == "succeeded", row
+    assert not [e for e in row["events"] if e["kind"] == "engine_switch"]
+    store = get_store(get_settings())
+    for item in row["items"]:
+        assert item["key"].endswith(f"/{item['persona']}.jsonl")
+        lines = [json.loads(x) for x in store.get_bytes(
+            item["key"], expect_sha256=item["sha256"]).decode().splitlines()]
+        assert lines and all(x["persona"] == item["persona"] for x in lines)
+        assert all(x["steer"] == [{"op": "add", "layer": 2, "scale": 4.0,
+                                   "from": {"job_id": capture_id, "vector": "pos_neg"}}]
+                   for x in lines)
+        assert all(x["response_tokens"] >= 1 and x["question"] for x in lines)
