@@ -71,8 +71,8 @@ def memory(gpu: str | None) -> MemoryReading | None:
             return MemoryReading(used=int(info.used), total=int(info.total))
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - fall back to the CLI tool
-        pass
+    except Exception:
+        log.debug("NVML reading failed; trying nvidia-smi", exc_info=True)
     out = _nvidia_smi(["-i", str(gpu), "--query-gpu=memory.used,memory.total",
                        "--format=csv,noheader,nounits"])
     if not out:
@@ -110,7 +110,7 @@ def free_process_memory() -> None:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    except Exception:  # noqa: BLE001 - cleanup must never raise
+    except Exception:
         log.debug("torch cache cleanup skipped", exc_info=True)
 
 

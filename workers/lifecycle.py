@@ -83,9 +83,8 @@ class WorkerServices:
     def release_previous_items(self) -> list[str]:
         """Give back items a killed process of this worker's name still holds, before the
         first heartbeat would extend their leases, and send their jobs again."""
-        from app.db import session_scope
-
         from app import jobs
+        from app.db import session_scope
         from workers import dispatch
 
         with session_scope() as s:
@@ -161,9 +160,8 @@ class WorkerServices:
 
     # -- periodic -------------------------------------------------------------------------
     def heartbeat(self, state: str | None = None) -> None:
-        from app.db import session_scope
-
         from app import jobs
+        from app.db import session_scope
 
         with session_scope() as s:
             jobs.upsert_worker(
@@ -176,9 +174,8 @@ class WorkerServices:
                 jobs.extend_leases(s, worker=self.name, lease_s=self.settings.lease_s)
 
     def reap(self) -> None:
-        from app.db import session_scope
-
         from app import jobs
+        from app.db import session_scope
         from workers import dispatch
 
         with session_scope() as s:

@@ -26,9 +26,9 @@ def versions() -> dict:
 
 def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None:
     """(prefix, manifest) when every item of the job is done, else None."""
-    from app.models import Artifact, Job, JobItem
     from sqlalchemy import select
 
+    from app.models import Artifact, Job, JobItem
     from workers.pipeline import job_prefix
 
     job = session.get(Job, job_id)

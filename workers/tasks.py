@@ -40,10 +40,9 @@ def register(celery) -> None:
 
 def execute_job(job_id: str, *, worker) -> dict:
     """Claim and run this job's items until none is left; finish the job if it is done."""
+    from app import jobs
     from app.db import session_scope
     from app.models import Job
-
-    from app import jobs
     from app.storage import get_store
     from workers import pipeline
     from workers.params import JobParams
@@ -119,9 +118,8 @@ def execute_job(job_id: str, *, worker) -> dict:
 
 
 def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:
-    from app.db import session_scope
-
     from app import jobs
+    from app.db import session_scope
 
     try:
         with session_scope() as s:
@@ -137,9 +135,8 @@ def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:
 
 
 def _fail(job_id, item_id, attempt, worker, kind, exc, *, requeue, **figures) -> None:
-    from app.db import session_scope
-
     from app import jobs
+    from app.db import session_scope
 
     try:
         with session_scope() as s:
@@ -154,11 +151,11 @@ def _fail_rest(job_id, worker, persona, exc) -> None:
     personas not yet run are failed (kind ``oom``, naming the persona and the sizes) rather
     than each spending the same halvings on a GPU that just proved too small. A retry of the
     job queues them again and keeps every persona already done."""
-    from app.db import session_scope
-    from app.models import JobItem
     from sqlalchemy import select
 
     from app import jobs
+    from app.db import session_scope
+    from app.models import JobItem
 
     reason = f"not run: persona {persona!r} ran out of memory ({str(exc)[:500]})"
     with session_scope() as s:
@@ -175,9 +172,8 @@ def _fail_rest(job_id, worker, persona, exc) -> None:
 
 def _progress_writer(item_id, attempt):
     """Progress rows at most every 0.5 s (and always at the end of the persona)."""
-    from app.db import session_scope
-
     from app import jobs
+    from app.db import session_scope
 
     last = [0.0]
 
@@ -207,9 +203,8 @@ def _cancel_checker(job_id):
 
 def finish(job_id: str, *, settings, store):
     """When every item is done: write the manifest, THEN mark the job succeeded."""
-    from app.db import session_scope
-
     from app import jobs
+    from app.db import session_scope
     from workers.manifest import build_manifest
 
     with session_scope() as s:
@@ -224,12 +219,12 @@ def finish(job_id: str, *, settings, store):
 
 def load_vector(store, job_id: str, persona: str, vector_key: str, layer: int) -> list[float]:
     """One layer of a derived vector from an earlier capture job's persona artifact."""
-    from app.db import session_scope
-    from app.models import Artifact
     from sqlalchemy import select
 
     from app.artifacts import read_persona_artifact
+    from app.db import session_scope
     from app.errors import SpecInvalid
+    from app.models import Artifact
 
     with session_scope() as s:
         row = s.execute(select(Artifact).where(Artifact.job_id == job_id,

@@ -40,7 +40,7 @@ def test_submit_wait_on_the_embedded_default(tmp_path, monkeypatch):
     exe = Path(sys.executable).with_name("chatspace-jobs")
     proc = subprocess.run([str(exe), "submit", "traits_sample", "--max-samples", "4",
                            "--max-tokens", "8", "--wait"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=240, check=False)
     log = data / "logs" / "local-worker.log"
     detail = (proc.stdout[-2000:], proc.stderr[-2000:],
               log.read_text()[-3000:] if log.exists() else "no worker log")
@@ -49,11 +49,12 @@ def test_submit_wait_on_the_embedded_default(tmp_path, monkeypatch):
     assert len(job_id) == 32, detail
 
     # Read the outcome with this process's settings pointed at the same data directory.
+    from sqlalchemy import select
+
     from app.db import session_scope
     from app.models import Job, JobItem, Worker
     from app.settings import get_settings
     from app.storage import get_store
-    from sqlalchemy import select
 
     monkeypatch.setenv("CHATSPACE_DATA_DIR", str(data))
     get_settings.cache_clear()

@@ -48,8 +48,8 @@ def _state_changes(row, to: str) -> list[str]:
 
 
 def test_capture_job_matches_direct_capture(services):
-    from workers.runtime import pick_backend
     from app.settings import get_settings
+    from workers.runtime import pick_backend
 
     assert pick_backend(get_settings()) == "vllm"  # the main test runs the real engine
     procs, logs = services
@@ -61,7 +61,7 @@ def test_capture_job_matches_direct_capture(services):
     arts = h.check_artifacts(job_id, row)
     for item in row["items"]:  # progress ended complete, counting every stored sample
         assert item["samples_done"] == item["samples_total"] == len(arts[item["persona"]].keys)
-    for persona, art in arts.items():
+    for art in arts.values():
         ref = h.reference_vectors(art)
         # Same conversations re-read by the transformers backend in fp32. The engines differ
         # only in kernels (vLLM CPU attention vs torch SDPA) and summation order: differences

@@ -51,10 +51,9 @@ def test_restart_requeues_only_this_workers_items(factory):
         assert [(e.item_id, e.worker) for e in lost] == [(a[0], "gpu0")]
     again = _claim(factory, job_id, "gpu0")  # the restarted worker runs it again
     assert again == (a[0], a[1] + 1)
-    with session_scope(factory) as s:  # the dead attempt can no longer complete it
-        with pytest.raises(Exception, match="no longer holds"):
-            jobs.complete_item(s, item_id=a[0], attempt=a[1], worker="gpu0",
-                               artifact_key="k", artifact_sha256="0" * 64)
+    with session_scope(factory) as s, pytest.raises(Exception, match="no longer holds"):
+        jobs.complete_item(s, item_id=a[0], attempt=a[1], worker="gpu0",
+                           artifact_key="k", artifact_sha256="0" * 64)
 
 
 def test_restart_cancels_or_fails_instead_when_due(factory):

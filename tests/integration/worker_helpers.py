@@ -15,9 +15,8 @@ PARAMS = {"max_samples": 4, "max_tokens": 6, "batch_size": 4, "temperature": 0.0
 
 
 def submit(kind: str = "capture", params: dict | None = None) -> str:
-    from app.db import session_scope
-
     from app import jobs
+    from app.db import session_scope
     from workers.dispatch import enqueue_job
 
     with session_scope() as s:
@@ -32,9 +31,9 @@ def start_worker(name: str, log_dir: Path, **kw) -> subprocess.Popen:
     from workers.cli import spawn_worker
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    out = open(log_dir / f"{name}.log", "ab")
-    return spawn_worker(name=name, model=MODEL, dtype=DTYPE, stdout=out,
-                        stderr=subprocess.STDOUT, **kw)
+    with open(log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy
+        return spawn_worker(name=name, model=MODEL, dtype=DTYPE, stdout=out,
+                            stderr=subprocess.STDOUT, **kw)
 
 
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
@@ -52,9 +51,10 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
 
 
 def job_row(job_id: str) -> dict:
+    from sqlalchemy import select
+
     from app.db import session_scope
     from app.models import Job, JobEvent, JobItem
-    from sqlalchemy import select
 
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -135,12 +135,11 @@ def check_artifacts(job_id: str, row: dict | None = None) -> dict:
 
 def reference_vectors(art, *, layers=None) -> dict:
     """Vectors recomputed from the HF backend's exact capture of the same conversations."""
-    from workers.engine.hf import HFBackend
-
     from app.datasets import load_dataset
     from app.prompts import build_prompt
     from app.settings import get_settings
     from app.vectors import derive_vectors
+    from workers.engine.hf import HFBackend
     from workers.engine.spec import CaptureSpec, RequestSpec, Span
     from workers.pipeline import template_kwargs
     from workers.runtime import resolve_model

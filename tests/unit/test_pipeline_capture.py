@@ -148,7 +148,7 @@ def test_injected_oom_halves_then_fails(monkeypatch):
 
 def test_rollout_writes_jsonl_with_steering_spec():
     vec = [0.5] * HIDDEN
-    ctx, engine, _, _, ds = make_ctx(kind="rollout", steer=[
+    ctx, _, _, _, ds = make_ctx(kind="rollout", steer=[
         {"op": "add", "layer": 1, "vector": vec, "scale": 2.0}])
     result = pipeline.run_item(ctx)
     assert result.artifact_key.endswith(f"/{ctx.persona}.jsonl")
