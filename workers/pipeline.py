@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.errors import SpecInvalid
-from workers.batching import BatchPolicy
+from workers.batching import BatchPolicy, JobCancelled
 from workers.params import JobParams, resolve_steering
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,8 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
                          "finish_reason": g.finish_reason})
         if not capture:
             return rows
+        if ctx.should_cancel():  # the engine cannot abort a running generate: stop here
+            raise JobCancelled(f"cancelled after generating a batch of {len(batch)}")
         fulls = [build_prompt(tok, system=r["sample"].system_prompt or None,
                               question=r["sample"].question, response=r["response"],
                               template_kwargs=kwargs) for r in rows]

@@ -167,3 +167,16 @@ def test_rollout_rejects_bad_layer_naming_the_field():
     with pytest.raises(SpecInvalid) as err:
         pipeline.run_item(ctx)
     assert err.value.field == "params.steer[0].layer"
+
+
+def test_cancel_after_generate_skips_the_capture_pass():
+    from workers.batching import JobCancelled
+
+    ctx, engine, _, _, _ = make_ctx(batch_size=2)
+    checks = []
+    ctx.should_cancel = lambda: checks.append(1) or len(checks) >= 2  # 2nd check: after generate
+    captured = []
+    engine.capture = lambda seqs, specs: captured.append(len(seqs))
+    with pytest.raises(JobCancelled):
+        pipeline.run_item(ctx)
+    assert engine.batches == [2] and captured == []
