@@ -130,6 +130,7 @@ def test_real_cuda_oom_halves_then_fails(gpu_models_dir):
     try:
         # Leave ~3 GiB above what the weights use: 64×1024 tokens of logits (20 GiB) cannot fit,
         # 4×1024 can.
+        torch.cuda.empty_cache()  # the cap applies to new allocations, not cached blocks
         torch.cuda.set_per_process_memory_fraction(min(0.95, (torch.cuda.memory_allocated()
                                                               + 3 * 2**30) / total))
         policy = BatchPolicy(persona="p", batch_size=64, min_batch=1, gpu_index="0",
@@ -140,6 +141,7 @@ def test_real_cuda_oom_halves_then_fails(gpu_models_dir):
         assert policy.batch_size < 64
         assert any(k == "oom_retry" for k, _ in events)
 
+        torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(0.95, (torch.cuda.memory_allocated()
                                                               + 2**26) / total))
         events.clear()
