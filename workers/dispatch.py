@@ -33,8 +33,9 @@ def _aware(ts: datetime | None) -> datetime | None:
 
 
 def live_workers(session) -> list:
-    from app.models import Worker
     from sqlalchemy import select
+
+    from app.models import Worker
 
     cutoff = _now() - timedelta(seconds=get_settings().worker_stale_s)
     return [w for w in session.execute(select(Worker)).scalars()
@@ -55,10 +56,9 @@ def choose_queue(session, *, model: str, dtype: str) -> tuple[str, bool]:
 
 def enqueue_job(job_id, *, reason: str = "submitted") -> str:
     """Send the job's task to its queue (call after the job's row is committed)."""
+    from app import jobs
     from app.db import session_scope
     from app.models import Job
-
-    from app import jobs
     from workers.celery_app import RUN_JOB, get_app
 
     job_id = str(job_id)
@@ -83,9 +83,10 @@ def enqueue_job(job_id, *, reason: str = "submitted") -> str:
 
 def pending_jobs(*, model: str | None, dtype: str | None) -> list[str]:
     """Ids of queued/running jobs a worker of (model, dtype) could serve (None = any)."""
+    from sqlalchemy import select
+
     from app.db import session_scope
     from app.models import Job
-    from sqlalchemy import select
 
     with session_scope() as s:
         q = select(Job.id).where(Job.state.in_(("queued", "running")))
@@ -98,11 +99,11 @@ def pending_jobs(*, model: str | None, dtype: str | None) -> list[str]:
 
 def reconcile() -> list[str]:
     """Re-enqueue jobs with claimable items that no live worker holds. Returns their ids."""
-    from app.db import session_scope
-    from app.models import JobEvent
     from sqlalchemy import select
 
     from app import jobs
+    from app.db import session_scope
+    from app.models import JobEvent
 
     resent = []
     with session_scope() as s:
@@ -124,4 +125,35 @@ def reconcile() -> list[str]:
             resent.append(job_id)
         except Exception:
             log.exception("reconciler could not re-enqueue job %s", job_id)
+    finish_stranded()
     return resent
+
+
+def finish_stranded() -> list[str]:
+    """Finish running jobs whose items are all terminal (manifest, then the job's state).
+
+    A worker whose last step (manifest + finish) failed — Postgres restarting at that moment,
+    say — leaves such a job with nothing to claim, so re-enqueueing would never finish it.
+    """
+    from sqlalchemy import exists, select
+
+    from app.db import session_scope
+    from app.models import Job, JobItem
+    from app.storage import get_store
+    from workers.tasks import finish
+
+    with session_scope() as s:
+        open_items = exists(select(JobItem.id).where(
+            JobItem.job_id == Job.id, JobItem.state.in_(("queued", "running"))))
+        stranded = [str(j) for j in s.execute(
+            select(Job.id).where(Job.state == "running", ~open_items)).scalars()]
+    done = []
+    settings = get_settings()
+    for job_id in stranded:
+        try:
+            if finish(job_id, settings=settings, store=get_store(settings)) is not None:
+                done.append(job_id)
+                log.warning("reconciler finished stranded job %s", job_id)
+        except Exception:
+            log.exception("reconciler could not finish job %s", job_id)
+    return done

@@ -20,6 +20,27 @@ import time
 from app.errors import EngineOOM, InvalidTransition
 from workers.batching import JobCancelled
 
+DB_RETRY_S = 180.0  # how long a worker rides out a database outage before giving up
+
+
+def db_retry(fn, *args, what: str, **kw):
+    """Call ``fn``, retrying with backoff while the database is unreachable (a Postgres
+    restart): a finished persona's result must not be dropped because the database blinked."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    deadline = time.monotonic() + DB_RETRY_S
+    delay = 0.5
+    while True:
+        try:
+            return fn(*args, **kw)
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database unavailable during %s (%s); retrying in %.1fs", what,
+                        type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
 log = logging.getLogger(__name__)
 
 
@@ -68,15 +89,13 @@ def execute_job(job_id: str, *, worker) -> dict:
     ran = 0
     try:
         while True:
-            with session_scope() as s:
-                item = jobs.claim_item(s, job_id=job_id, worker=worker.name,
-                                       lease_s=settings.lease_s)
-                if item is None:
-                    break
-                item_id, attempt, persona = item.id, item.attempt, item.persona
-                done_key, done_sha = item.artifact_key, item.artifact_sha256
+            claimed = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
+            if claimed is None:
+                break
+            item_id, attempt, persona, done_key, done_sha = claimed
             if done_key and done_sha and store.verify(done_key, done_sha):
-                _complete(job_id, item_id, attempt, worker.name, done_key, done_sha, info=None)
+                db_retry(_complete, job_id, item_id, attempt, worker.name, done_key, done_sha,
+                         info=None, what="complete")
                 event("item_skipped", {"persona": persona, "artifact_key": done_key})
                 continue
             ctx = pipeline.ItemContext(
@@ -101,20 +120,32 @@ def execute_job(job_id: str, *, worker) -> dict:
                 break
             except Exception as exc:
                 log.exception("job %s persona %s failed", job_id, persona)
-                _fail(job_id, item_id, attempt, worker.name, "error", exc,
-                      requeue=attempt < settings.max_item_attempts)
+                db_retry(_fail, job_id, item_id, attempt, worker.name, "error", exc,
+                         requeue=attempt < settings.max_item_attempts, what="fail")
                 runtime.cleanup(on_event=event)
                 continue
-            _complete(job_id, item_id, attempt, worker.name, result.artifact_key, result.sha256,
-                      info={"size": result.size, "extra": result.extra, **result.info})
+            db_retry(_complete, job_id, item_id, attempt, worker.name, result.artifact_key,
+                     result.sha256, what="complete",
+                     info={"size": result.size, "extra": result.extra, **result.info})
             ran += 1
-        finish(job_id, settings=settings, store=store)
+        db_retry(finish, job_id, settings=settings, store=store, what="finish")
     finally:
         figures = runtime.cleanup(on_event=event)
         if figures.get("memory"):
             event("cleanup", figures)
         worker.idle()
     return {"job_id": job_id, "ran": ran}
+
+
+def _claim(job_id, worker, lease_s):
+    from app import jobs
+    from app.db import session_scope
+
+    with session_scope() as s:
+        item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=lease_s)
+        if item is None:
+            return None
+        return item.id, item.attempt, item.persona, item.artifact_key, item.artifact_sha256
 
 
 def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:
@@ -182,8 +213,11 @@ def _progress_writer(item_id, attempt):
         if done not in (0, total) and now - last[0] < 0.5:
             return
         last[0] = now
-        with session_scope() as s:
-            jobs.progress(s, item_id=item_id, done=done, total=total)
+        try:
+            with session_scope() as s:
+                jobs.progress(s, item_id=item_id, done=done, total=total)
+        except Exception:
+            log.warning("progress of item %s not written", item_id, exc_info=True)
 
     return write
 
@@ -193,10 +227,13 @@ def _cancel_checker(job_id):
     from app.models import Job
 
     def cancelled() -> bool:
-        with session_scope() as s:
-            job = s.get(Job, job_id)
-            return job is None or job.state == "cancelled" or bool(
-                getattr(job, "cancel_requested", False))
+        def read():
+            with session_scope() as s:
+                job = s.get(Job, job_id)
+                return job is None or job.state == "cancelled" or bool(
+                    getattr(job, "cancel_requested", False))
+
+        return db_retry(read, what="cancel check")
 
     return cancelled
 

@@ -44,11 +44,6 @@ def test_redis_restart_loses_no_job(stack):
     assert fig.lost == 0 and fig.duplicates == 0, fig
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "workers/: a DB error during the job's final step (manifest + finish_job_if_done in "
-    "workers.tasks.finish) is not retried, and dispatch.reconcile only re-sends jobs with "
-    "claimable items, so a job whose items all succeeded while Postgres was down stays "
-    "'running' with no manifest forever; passes when the outage misses that step"))
 def test_postgres_restart_worker_rides_it_out(stack):
     job = stack.submit(max_samples=4, batch_size=1, max_tokens=6)
     worker = stack.start_worker("rel-pg")
