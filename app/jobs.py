@@ -407,17 +407,28 @@ def reap_expired(session: Session, *, now: datetime | None = None,
     """Running items whose lease ran out go back to queued with a ``lost`` event (or fail
     as ``lost`` after ``max_attempts``). Returns the ids of jobs that need re-enqueueing."""
     now = now or _now()
+    q = select(JobItem.id, JobItem.job_id, JobItem.attempt, JobItem.lease_owner,
+               JobItem.lease_expires_at).where(JobItem.state == ItemState.RUNNING.value,
+                                               JobItem.lease_expires_at < now)
+    return _return_lost_items(
+        session, q, max_attempts=max_attempts,
+        reason=lambda row: f"worker {row.lease_owner} lost its lease "
+                           f"(expired {row.lease_expires_at})")
+
+
+def _return_lost_items(session: Session, query, *, max_attempts: int | None, reason) -> list[str]:
+    """Give back the running items ``query`` selects (id, job_id, attempt, lease_owner): to
+    queued, or cancelled when their job is being cancelled, or failed as ``lost`` after
+    ``max_attempts``; each with a ``lost`` event saying ``reason(row)``. Jobs left with no
+    open item are finished. Returns the ids of jobs that need re-enqueueing."""
     if max_attempts is None:
         from app.settings import get_settings
 
         max_attempts = get_settings().max_item_attempts
-    q = select(JobItem.id, JobItem.job_id, JobItem.attempt, JobItem.lease_owner,
-               JobItem.lease_expires_at).where(JobItem.state == ItemState.RUNNING.value,
-                                               JobItem.lease_expires_at < now)
     if _is_pg(session):
-        q = q.with_for_update(skip_locked=True)
+        query = query.with_for_update(skip_locked=True)
     requeue, finish = set(), set()
-    for row in session.execute(q).all():
+    for row in session.execute(query).all():
         if _cancel_requested(session, row.job_id):
             to = ItemState.CANCELLED
         elif row.attempt >= max_attempts:
@@ -428,8 +439,7 @@ def reap_expired(session: Session, *, now: datetime | None = None,
             transition_item(session, item_id=row.id, to=to, allowed_from=[ItemState.RUNNING],
                             attempt=row.attempt, lease_owner=row.lease_owner,
                             worker=row.lease_owner, failure_kind=FailureKind.LOST,
-                            error=f"worker {row.lease_owner} lost its lease "
-                                  f"(expired {row.lease_expires_at})", event_kind="lost")
+                            error=reason(row), event_kind="lost")
         except InvalidTransition:
             continue  # completed or extended concurrently
         (requeue if to is ItemState.QUEUED else finish).add(row.job_id)
@@ -629,31 +639,8 @@ def release_worker_items(session: Session, *, worker: str,
     without it the new process's heartbeat would keep extending the dead attempt's leases and
     those items would never run again. Call it before the first heartbeat. Returns the ids of
     jobs that need re-enqueueing."""
-    if max_attempts is None:
-        from app.settings import get_settings
-
-        max_attempts = get_settings().max_item_attempts
-    q = select(JobItem.id, JobItem.job_id, JobItem.attempt).where(
+    q = select(JobItem.id, JobItem.job_id, JobItem.attempt, JobItem.lease_owner).where(
         JobItem.lease_owner == worker, JobItem.state == ItemState.RUNNING.value)
-    if _is_pg(session):
-        q = q.with_for_update(skip_locked=True)
-    requeue, finish = set(), set()
-    for row in session.execute(q).all():
-        if _cancel_requested(session, row.job_id):
-            to = ItemState.CANCELLED
-        elif row.attempt >= max_attempts:
-            to = ItemState.FAILED
-        else:
-            to = ItemState.QUEUED
-        try:
-            transition_item(session, item_id=row.id, to=to, allowed_from=[ItemState.RUNNING],
-                            attempt=row.attempt, lease_owner=worker, worker=worker,
-                            failure_kind=FailureKind.LOST,
-                            error=f"worker {worker} restarted while holding it (attempt "
-                                  f"{row.attempt})", event_kind="lost")
-        except InvalidTransition:
-            continue
-        (requeue if to is ItemState.QUEUED else finish).add(row.job_id)
-    for job_id in finish - requeue:
-        finish_job_if_done(session, job_id=job_id)
-    return sorted(requeue)
+    return _return_lost_items(
+        session, q, max_attempts=max_attempts,
+        reason=lambda row: f"worker {worker} restarted while holding it (attempt {row.attempt})")
