@@ -26,6 +26,16 @@ import numpy as np
 
 from app.errors import StorageError
 
+
+def job_prefix(settings, *, model: str, dataset: str, dtype: str, job_id: str) -> str:
+    """Where a job's artifacts live: ``<artifacts_prefix>/<model>/<dataset>/<dtype>/<job_id>``
+    (model '/' and ':' kept readable as '--' and '_' so the key stays one folder per model).
+    Recorded on the job at submit, so the API and CLI can list a job's artifacts before its
+    manifest exists, and used by the workers when they write them."""
+    slug = model.replace("/", "--").replace(":", "_")
+    return "/".join(p.strip("/") for p in (settings.artifacts_prefix, slug, dataset, dtype,
+                                            str(job_id)) if p)
+
 SCHEMA = "chatspace.persona"
 SCHEMA_VERSION = 1
 _META_KEY = "chatspace"

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.api.schemas import JobSubmit
+from app.artifacts import job_prefix
 from app.datasets import DEFAULT_PERSONA
 from app.errors import DatasetInvalid, DatasetNotFound, SpecInvalid
 from app.modelinfo import ModelInfo, resolve
@@ -290,15 +291,6 @@ def validate(session, request: JobSubmit, *, settings) -> dict:
         params["steer"] = ops
     return {"kind": kind, "dataset": dataset.name, "model": model, "dtype": dtype,
             "params": params, "personas": personas}
-
-
-def job_prefix(settings, *, model: str, dataset: str, dtype: str, job_id: str) -> str:
-    """``<artifacts_prefix>/<model>/<dataset>/<dtype>/<job_id>``: the same layout as
-    ``workers.pipeline.job_prefix`` (which app/ may not import), recorded on the job so the
-    API and CLI can list a job's artifacts before its manifest exists."""
-    slug = model.replace("/", "--").replace(":", "_")
-    return "/".join(p.strip("/") for p in (settings.artifacts_prefix, slug, dataset, dtype,
-                                            str(job_id)) if p)
 
 
 def submit_job(session, *, request: JobSubmit, settings, enqueue: Callable[[str], None]):

@@ -28,8 +28,8 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
     """(prefix, manifest) when every item of the job is done, else None."""
     from sqlalchemy import select
 
+    from app.artifacts import job_prefix
     from app.models import Artifact, Job, JobItem
-    from workers.pipeline import job_prefix
 
     job = session.get(Job, job_id)
     items = session.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()

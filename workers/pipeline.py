@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from app.artifacts import job_prefix
 from app.errors import SpecInvalid
 from workers.batching import BatchPolicy, JobCancelled
 from workers.params import JobParams, resolve_steering
@@ -64,14 +65,6 @@ class ItemResult:
     size: int
     extra: list[dict] = field(default_factory=list)  # other stored files: key, sha256, size
     info: dict = field(default_factory=dict)  # shapes, counts: for the manifest
-
-
-def job_prefix(settings, *, model: str, dataset: str, dtype: str, job_id: str) -> str:
-    """``<artifacts_prefix>/<model>/<dataset>/<dtype>/<job_id>`` (model '/' and ':' kept
-    readable as '--' and '_' so the key stays one folder per model)."""
-    slug = model.replace("/", "--").replace(":", "_")
-    return "/".join(p.strip("/") for p in (settings.artifacts_prefix, slug, dataset, dtype,
-                                            str(job_id)) if p)
 
 
 def artifact_key(ctx: ItemContext) -> str:

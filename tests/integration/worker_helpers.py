@@ -101,7 +101,7 @@ def check_artifacts(job_id: str, row: dict | None = None) -> dict:
     from app.artifacts import read_persona_artifact
     from app.settings import get_settings
     from app.storage import get_store
-    from workers.pipeline import job_prefix
+    from app.artifacts import job_prefix
 
     settings = get_settings()
     store = get_store(settings)
