@@ -13,32 +13,24 @@ from typing import Any
 
 import httpx
 
+from app.errors import ChatspaceError
+
 log = logging.getLogger(__name__)
 TIMEOUT_S = 30.0
 
 
-class ApiError(Exception):
-    """An error answer from the API (or no answer): one line for the user."""
+class ApiError(ChatspaceError):
+    """An error answer from the API (or no answer): one line for the user (``str(exc)``)."""
 
     def __init__(self, status: int, body: dict | None = None, message: str | None = None):
         self.status = status
         self.body = body or {}
-        self.field = self.body.get("field")
-        self.hint = self.body.get("hint")
-        self.message = message or self.body.get("message") or f"HTTP {status}"
-        super().__init__(self.line())
+        super().__init__(message or self.body.get("message") or f"HTTP {status}",
+                         field=self.body.get("field"), hint=self.body.get("hint"))
 
     @property
     def user_error(self) -> bool:
         return 400 <= self.status < 500
-
-    def line(self) -> str:
-        text = self.message
-        if self.field:
-            text = f"{self.field}: {text}"
-        if self.hint:
-            text = f"{text} ({self.hint})"
-        return text
 
 
 class Client:

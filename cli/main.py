@@ -43,7 +43,7 @@ class CliGroup(click.Group):
             click.echo("aborted", err=True)
             code = EXIT_UNAVAILABLE
         except ApiError as exc:
-            click.echo(f"error: {exc.line()}", err=True)
+            click.echo(f"error: {exc}", err=True)
             code = EXIT_USER if exc.user_error else EXIT_UNAVAILABLE
         except ChatspaceError as exc:
             click.echo(f"error: {exc}", err=True)
