@@ -28,7 +28,7 @@ from workers.engine.spec import (
     SamplingOptions,
     SpecError,
     as_specs,
-    validate_spec,
+    validate_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,7 @@ class SteeringEngine:
                 "fired in the self-test; start the engine with enforce_eager=True")
 
     def _validate(self, specs: list[RequestSpec | None]) -> None:
-        for i, spec in enumerate(specs):
-            if spec is None:
-                continue
-            try:
-                validate_spec(spec, num_layers=self.num_layers, hidden_size=self.hidden_size)
-            except SpecError as exc:
-                raise SpecError(f"specs[{i}].{exc.field}", exc.message) from None
+        validate_specs(specs, num_layers=self.num_layers, hidden_size=self.hidden_size)
 
     def _params(self, options: SamplingOptions, spec: RequestSpec | None, uid: str,
                 max_tokens: int | None = None, prompt_len: int | None = None,

@@ -35,7 +35,7 @@ from workers.engine.spec import (
     SamplingOptions,
     SpecError,
     as_specs,
-    validate_spec,
+    validate_specs,
 )
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -138,13 +138,7 @@ class HFBackend:
     # -- request bookkeeping -----------------------------------------------------------------
 
     def _validate(self, specs: list[RequestSpec | None]) -> None:
-        for i, spec in enumerate(specs):
-            if spec is None:
-                continue
-            try:
-                validate_spec(spec, num_layers=self.num_layers, hidden_size=self.hidden_size)
-            except SpecError as e:
-                raise SpecError(f"specs[{i}].{e.field}", e.message) from None
+        validate_specs(specs, num_layers=self.num_layers, hidden_size=self.hidden_size)
 
     def _new_req(self, spec: RequestSpec | None, prompt_len: int,
                  resp_len: int | None = None) -> _Req:

@@ -14,8 +14,9 @@ generation covers the prompt and all generated tokens but the last; the exact mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 OpKind = Literal["add", "cap", "ablate"]
 OP_KINDS = ("add", "cap", "ablate")
@@ -58,7 +59,7 @@ class SteerOp:
                 "scale": float(self.scale), "min": self.min, "max": self.max}
 
     @classmethod
-    def from_wire(cls, d: dict) -> "SteerOp":
+    def from_wire(cls, d: dict) -> SteerOp:
         return cls(op=d["op"], layer=int(d["layer"]), vector=d["vector"],
                    scale=float(d.get("scale", 1.0)), min=d.get("min"), max=d.get("max"))
 
@@ -99,7 +100,7 @@ class CaptureSpec:
         }
 
     @classmethod
-    def from_wire(cls, d: dict) -> "CaptureSpec":
+    def from_wire(cls, d: dict) -> CaptureSpec:
         layers = d.get("layers")
         return cls(
             layers=tuple(int(x) for x in layers) if layers is not None else None,
@@ -128,7 +129,7 @@ class RequestSpec:
                 "key": self.key}
 
     @classmethod
-    def from_wire(cls, d: dict) -> "RequestSpec":
+    def from_wire(cls, d: dict) -> RequestSpec:
         return cls(steer=tuple(SteerOp.from_wire(o) for o in d.get("steer", [])),
                    capture=CaptureSpec.from_wire(d["capture"]) if d.get("capture") else None,
                    key=d.get("key"))
@@ -205,6 +206,18 @@ def validate_spec(spec: RequestSpec, *, num_layers: int, hidden_size: int) -> No
                 raise SpecError(f"capture.spans[{j}].name", f"{s.name!r} is taken; span names "
                                 f"must be unique and not one of {', '.join(RESERVED_SPANS)}")
             seen.add(s.name)
+
+
+def validate_specs(specs: Sequence[RequestSpec | None], *, num_layers: int,
+                   hidden_size: int) -> None:
+    """:func:`validate_spec` over a batch; the error's field names the request (``specs[i]``)."""
+    for i, spec in enumerate(specs):
+        if spec is None:
+            continue
+        try:
+            validate_spec(spec, num_layers=num_layers, hidden_size=hidden_size)
+        except SpecError as exc:
+            raise SpecError(f"specs[{i}].{exc.field}", exc.message) from None
 
 
 def as_specs(specs: RequestSpec | Sequence[RequestSpec | None] | None, n: int) -> list[RequestSpec | None]:
