@@ -8,21 +8,11 @@ import pytest
 from sqlalchemy import select
 
 from app import jobs
-from app.db import make_engine, session_factory, session_scope, upgrade
+from app.db import session_scope
 from app.errors import InvalidTransition, JobNotFound, SpecInvalid
 from app.models import Artifact, JobItem
 
 PERSONAS = ["curious", "optimistic", "sycophantic"]
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def factory(request, tmp_path):
-    url = (request.getfixturevalue("pg_url") if request.param == "postgres"
-           else f"sqlite:///{tmp_path / 'jobs.db'}")
-    upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _submit(factory, personas=PERSONAS, **kw) -> str:

@@ -10,18 +10,8 @@ from __future__ import annotations
 import pytest
 
 from app import jobs
-from app.db import make_engine, session_factory, session_scope, upgrade
+from app.db import session_scope, upgrade
 from app.models import JobItem
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def factory(request, tmp_path):
-    url = (request.getfixturevalue("pg_url") if request.param == "postgres"
-           else f"sqlite:///{tmp_path / 'jobs.db'}")
-    upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _job(factory, personas) -> str:
