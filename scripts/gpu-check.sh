@@ -1,36 +1,71 @@
 #!/usr/bin/env bash
-# The GPU proof, run on the lent GPU machine after staging vLLM (see ../shared/gpu/README.md):
-#   call 1 (carry .gpu-stage/a):                 bash .gpu-stage/a/unpack.sh
-#   call 2 (carry .gpu-stage/b .gpu-stage/c):    bash scripts/gpu-check.sh tests
-#   call 3 (same machine, same carry):           bash scripts/gpu-check.sh bench-0.6b
-#   call 4:                                      bash scripts/gpu-check.sh bench-8b
+# The GPU proof, run on the lent GPU machine after staging vLLM (../shared/gpu/README.md).
+#
+#   bash scripts/gpu-check.sh PHASE [PHASE ...]       phases run one after another
+#
+# phases: diag (per-layer fp32 parity report, TF32 on vs off) | cleanup | parity (the gpu tests
+# on one GPU) | multi (tensor parallel + two pinned workers; needs 2 GPUs) | bench-0.6b | bench-8b
+# CHATSPACE_GPU_INDEX=N runs the single-GPU phases on GPU N, so two lanes can share a 2-GPU
+# machine. The calls, with the device tool (kind nvidia-h100-x2 for `multi`):
+#   1 (carry .gpu-stage/a):                bash .gpu-stage/a/unpack.sh
+#   2 (carry .gpu-stage/b .gpu-stage/c):   CHATSPACE_GPU_INDEX=0 bash scripts/gpu-check.sh diag cleanup &
+#                                          CHATSPACE_GPU_INDEX=1 bash scripts/gpu-check.sh parity; wait
+#   3 (same machine, same carry):          ... bench-0.6b & ... bench-8b; wait
+#   4:                                     bash scripts/gpu-check.sh multi
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
-# Logs and JSON results go to $OUT (the device tool brings them back).
+# Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
+# back); the bench JSON belongs in bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:-tests}
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 . .gpu-stage/b/env.sh || exit 5
 . .gpu-stage/c/env.sh || exit 5
-export VLLM_USE_V2_MODEL_RUNNER=0 CHATSPACE_GPU_OUT="$OUT" HF_HOME=/tmp/hf
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
+export VLLM_USE_V2_MODEL_RUNNER=0 CHATSPACE_GPU_OUT="$OUT" HF_HOME=/tmp/hf PYTHONUNBUFFERED=1
+idx=${CHATSPACE_GPU_INDEX:-0}
+models=/tmp/gpu-models-$idx   # one model folder per lane: two lanes never build the same files
+card=$(nvidia-smi -i "$idx" --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 stamp=$(date -u +%Y%m%dT%H%MZ)
-case "$phase" in
-  tests)
-    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-    export CHATSPACE_GPU_MODELS=/tmp/gpu-models
-    for f in test_gpu_cleanup:170 test_gpu_parity:400; do  # own processes: cleanup reads NVML
-      t=${f#*:}; f=${f%:*}
-      timeout "$t" python3 -m pytest -m gpu "tests/gpu/$f.py" -v -p no:cacheprovider \
-        --junitxml="$OUT/$f.xml" > "$OUT/$f.log" 2>&1
-      echo "$f rc=$?"; tail -25 "$OUT/$f.log"
-    done
-    ;;
-  bench-0.6b|bench-8b)
-    shape=${phase#bench-}
-    timeout 570 python3 bench/engine_overhead.py --shape "qwen3-$shape" --dtype bfloat16 \
-      --json "$OUT/bench-${card}-qwen3-${shape}-${stamp}.json" ${BENCH_ARGS:-} 2>&1 \
-      | tee "$OUT/bench-$shape.log" | tail -60
-    ;;
-  *) echo "unknown phase $phase (tests | bench-0.6b | bench-8b)" >&2; exit 2 ;;
-esac
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+# Enough tokens per run (~4-10 s) and repetitions that the spread is reported; the 8B shape
+# gives both engines 45 % so plain compiled vLLM holds every request's KV cache too.
+declare -A BENCH=([0.6b]="--prompts 512 --prompt-len 256 --tokens 128 --reps 5"
+                  [8b]="--prompts 256 --prompt-len 256 --tokens 128 --reps 4 \
+                        --gpu-memory-utilization 0.45 --compiled-share 0.45")
+
+gpu_tests() {  # name, limit in seconds, pytest target
+  local name=$1 limit=$2; shift 2
+  echo "== $name on GPU ${CUDA_VISIBLE_DEVICES:-all} =="
+  timeout -k 15 "$limit" python3 -m pytest -m gpu "$@" -v -p no:cacheprovider \
+    -o faulthandler_timeout=$((limit - 30)) --junitxml="$OUT/$name.xml" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/$name.log" | tail -25
+}
+
+for phase in "$@"; do
+  case "$phase" in
+    diag)
+      export CUDA_VISIBLE_DEVICES=$idx
+      for run in "tiny:qwen3 tf32" "tiny:qwen3 ieee" "tiny:gemma ieee" "tiny:llama ieee"; do
+        read -r model f32 <<< "$run"; log="$OUT/diag-${model#tiny:}-$f32"
+        timeout 150 python3 scripts/gpu_parity_report.py --model "$model" --dtype float32 \
+          --env "TRITON_F32_DEFAULT=$f32" --models-dir "$models" --json "$log.json" > "$log.log" 2>&1
+        echo "diag $model $f32 rc=$?"; grep -A40 "^# tiny" "$log.log"
+      done ;;
+    cleanup)
+      export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_GPU_MODELS=$models
+      gpu_tests cleanup 240 tests/gpu/test_gpu_cleanup.py ;;  # own process: reads NVML
+    parity)
+      export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_GPU_MODELS=$models
+      gpu_tests parity 420 tests/gpu/test_gpu_parity.py ;;
+    multi)
+      unset CUDA_VISIBLE_DEVICES; export CHATSPACE_GPU_MODELS=/tmp/gpu-models-multi
+      gpu_tests multi 500 tests/gpu/test_gpu_multi.py ;;
+    bench-0.6b|bench-8b)
+      export CUDA_VISIBLE_DEVICES=$idx
+      shape=${phase#bench-}
+      timeout 570 python3 bench/engine_overhead.py --shape "qwen3-$shape" --dtype bfloat16 \
+        --json "$OUT/bench-${card}-qwen3-${shape}-${stamp}.json" ${BENCH_ARGS:-${BENCH[$shape]}} \
+        > "$OUT/bench-$shape.log" 2>&1
+      echo "bench $shape rc=$?"; grep -A12 "^config" "$OUT/bench-$shape.log"; tail -3 "$OUT/bench-$shape.log" ;;
+    *) echo "unknown phase $phase (diag | cleanup | parity | multi | bench-0.6b | bench-8b)" >&2; exit 2 ;;
+  esac
+done

@@ -7,21 +7,26 @@ so NVML's device-wide reading is exactly what the engine processes hold.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 
 pytestmark = pytest.mark.gpu
 
 SLACK = 512 * 2**20
+GPU = os.environ.get("CHATSPACE_GPU_INDEX", "0")  # physical index (NVML); scripts/gpu-check.sh
+NAME = "gpu-test-worker"
 
 
 @pytest.fixture
 def runtime(gpu_models_dir, tmp_path, monkeypatch):
     from app.settings import Settings
+    from workers.gpu import WORKER_ENV
     from workers.runtime import EngineRuntime
 
     monkeypatch.setenv("CHATSPACE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv(WORKER_ENV, NAME)  # engine processes inherit it: _engines() finds ours
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
     monkeypatch.setenv("CHATSPACE_ENGINE_GPU_MEMORY_UTILIZATION", "0.3")
     monkeypatch.setenv("CHATSPACE_ENGINE_MAX_MODEL_LEN", "1024")
     settings = Settings()
@@ -30,7 +35,7 @@ def runtime(gpu_models_dir, tmp_path, monkeypatch):
 
     for fam in ("qwen3", "llama"):
         ensure_tiny_model(f"tiny:{fam}", settings.models_dir)
-    rt = EngineRuntime(worker_name="gpu-test-worker", gpu_index="0", settings=settings)
+    rt = EngineRuntime(worker_name=NAME, gpu_index=GPU, settings=settings)
     yield rt
     rt.shutdown()
 
@@ -38,17 +43,17 @@ def runtime(gpu_models_dir, tmp_path, monkeypatch):
 def _used():
     from workers.gpu import memory
 
-    return memory("0").used
+    return memory(GPU).used
 
 
 def _engines():
     from workers.gpu import engine_processes
 
-    return engine_processes()
+    return engine_processes(NAME)
 
 
 def test_memory_back_after_job_failure_and_switch(runtime):
-    from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions
+    from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions, SpecError
 
     empty = runtime.baseline_empty.used
     events = []
@@ -65,7 +70,7 @@ def test_memory_back_after_job_failure_and_switch(runtime):
     assert _used() <= runtime.baseline_warm.used + SLACK
 
     # A failed batch (bad spec raised inside generate) must not leave memory behind either.
-    with pytest.raises(Exception):
+    with pytest.raises(SpecError):
         eng.generate(seqs[:2], SamplingOptions(max_tokens=4),
                      RequestSpec(capture=CaptureSpec(layers=(99,))))
     assert runtime.cleanup()["clean"]

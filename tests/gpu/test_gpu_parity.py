@@ -1,15 +1,17 @@
 """On CUDA: the vLLM engine's captures equal transformers', steering per request in a mixed
 batch, the compiled-mode refusal, and a real CUDA OOM through the retry-smaller-batch path.
 
-Tolerances: parity is measured as max|vLLM − HF| / max|HF| over a layer's means. fp32 on the
-GPU runs matmuls in TF32-class precision in vLLM's kernels and the attention kernels differ
-(FlashAttention vs SDPA), so 1e-2 (a wrong row or a missing token moves a mean by far more:
->5e-2 on these models, checked by the off-by-one control below); bf16 keeps 8 mantissa bits and
-28 layers compound it, so 8e-2.
+Tolerances: parity is measured as max|vLLM − HF| / max|HF| over a layer's means. fp32: the
+engine turns off TF32 in vLLM's Triton attention (``TRITON_F32_DEFAULT=ieee``), so only the
+order of reductions differs: 2e-3 (a wrong row or a missing token moves a mean by far more,
+checked by the control below; with TF32 left on the error was 5e-2).
+bf16 keeps 8 mantissa bits and 28 layers compound it, so 8e-2.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.gpu
 
 CASES = [("qwen3", "float32"), ("qwen3", "bfloat16"), ("llama", "float32"),
          ("gemma", "float32"), ("qwen3-0.6b", "bfloat16")]
-TOL = {"float32": 1e-2, "bfloat16": 8e-2}
+TOL = {"float32": 2e-3, "bfloat16": 8e-2}
 
 
 def _model(name: str, dtype: str, root: str) -> Path:
@@ -34,9 +36,16 @@ def _model(name: str, dtype: str, root: str) -> Path:
 
 
 def _rel(a, b) -> float:
-    import torch
-
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+
+
+def _record(test: str, **figures) -> None:
+    """Append the measured figures to $CHATSPACE_GPU_OUT/gpu-figures.jsonl (the closing note's
+    numbers come from there, pass or fail)."""
+    out = os.environ.get("CHATSPACE_GPU_OUT")
+    if out:
+        with open(Path(out) / "gpu-figures.jsonl", "a") as f:
+            f.write(json.dumps({"test": test, **figures}) + "\n")
 
 
 def _sequences(n=8, vocab=500, seed=0):
@@ -72,6 +81,7 @@ def test_capture_parity(pair):
     for g, r in zip(got, ref):
         for span in ("prompt", "response", "last_prompt"):
             worst = max(worst, _rel(g.means[span], r.means[span]))
+    _record("capture_parity", model=name, dtype=dtype, worst=worst, tol=TOL[dtype])
     assert worst < TOL[dtype], f"{name} {dtype}: worst relative error {worst:.3g}"
     # Control: another request's mean must be far outside the tolerance, so the metric can
     # tell wrong rows from kernel noise.
@@ -99,6 +109,10 @@ def test_mixed_batch_steering(pair):
     ref = hf.generate(seqs, opts, specs)
     plain = eng.generate(seqs, opts, [RequestSpec(capture=CaptureSpec(), key=f"p{i}")
                                       for i in range(len(seqs))])
+    _record("mixed_batch_steering", model=name, dtype=dtype, requests=[
+        {"op": ops[i].op if ops[i] else None, "tokens_match_hf": a.token_ids == b.token_ids,
+         "prompt_rel_err": _rel(a.capture.means["prompt"], b.capture.means["prompt"])}
+        for i, (a, b) in enumerate(zip(got, ref))])
     for i, (a, b, p) in enumerate(zip(got, ref, plain)):
         assert a.token_ids == b.token_ids, f"request {i}: steered tokens differ from HF"
         assert _rel(a.capture.means["prompt"], b.capture.means["prompt"]) < TOL[dtype]
@@ -156,7 +170,6 @@ def test_real_cuda_oom_halves_then_fails(gpu_models_dir):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         hf.close()
-        del hf
         torch.cuda.empty_cache()
     assert used >= 0
 

@@ -34,6 +34,7 @@ from workers.engine.spec import (
 log = logging.getLogger(__name__)
 
 EXTENSION = "workers.engine.extension.SteeringExtension"
+F32_ENV = "TRITON_F32_DEFAULT"  # Triton's default precision for fp32 dots: tf32 | tf32x3 | ieee
 
 
 class EngineError(RuntimeError):
@@ -100,6 +101,11 @@ class SteeringEngine:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  load_format: str = "auto", seed: int = 0, **llm_kwargs):
         os.environ.setdefault(V2_ENV, "0")
+        if str(dtype).removeprefix("torch.") in ("float32", "fp32", "float"):
+            # vLLM's Triton attention (the CUDA backend for fp32) multiplies fp32 in TF32 unless
+            # told otherwise; fp32 captures must be fp32 (measured on an H200: 5e-2 relative
+            # error against transformers with TF32, see scripts/gpu_parity_report.py).
+            os.environ.setdefault(F32_ENV, "ieee")
         from vllm import LLM
 
         self.model = model
