@@ -25,7 +25,7 @@ def runtime(gpu_models_dir, tmp_path, monkeypatch):
     from workers.runtime import EngineRuntime
 
     monkeypatch.setenv("CHATSPACE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv(WORKER_ENV, NAME)  # engine processes inherit it: _engines() finds ours
+    monkeypatch.setenv(WORKER_ENV, NAME)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
     monkeypatch.setenv("CHATSPACE_ENGINE_GPU_MEMORY_UTILIZATION", "0.3")
     monkeypatch.setenv("CHATSPACE_ENGINE_MAX_MODEL_LEN", "1024")
@@ -47,9 +47,13 @@ def _used():
 
 
 def _engines():
+    """vLLM engine processes this test process started (the other lane's are not ours)."""
+    import psutil
+
     from workers.gpu import engine_processes
 
-    return engine_processes(NAME)
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    return [p for p in engine_processes() if p.pid in ours]
 
 
 def test_memory_back_after_job_failure_and_switch(runtime):

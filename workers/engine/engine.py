@@ -102,9 +102,10 @@ class SteeringEngine:
                  load_format: str = "auto", seed: int = 0, **llm_kwargs):
         os.environ.setdefault(V2_ENV, "0")
         if str(dtype).removeprefix("torch.") in ("float32", "fp32", "float"):
-            # vLLM's Triton attention (the CUDA backend for fp32) multiplies fp32 in TF32 unless
-            # told otherwise; fp32 captures must be fp32 (measured on an H200: 5e-2 relative
-            # error against transformers with TF32, see scripts/gpu_parity_report.py).
+            # vLLM's Triton attention (its CUDA backend for fp32) multiplies fp32 in TF32 unless
+            # told otherwise; fp32 captures must be fp32 (measured on an H200, tiny Qwen3:
+            # 1e-3 relative error against transformers with TF32, 4e-7 without; see
+            # scripts/gpu_parity_report.py).
             os.environ.setdefault(F32_ENV, "ieee")
         from vllm import LLM
 
@@ -117,7 +118,11 @@ class SteeringEngine:
                       "gpu_memory_utilization": gpu_memory_utilization,
                       "enforce_eager": enforce_eager, "tensor_parallel_size": tensor_parallel_size,
                       "max_num_seqs": max_num_seqs, "enable_prefix_caching": enable_prefix_caching,
-                      "load_format": load_format, "seed": seed, "worker_extension_cls": EXTENSION}
+                      "load_format": load_format, "seed": seed, "worker_extension_cls": EXTENSION,
+                      # Async scheduling forwards one more step for a request that has just
+                      # finished (its last sampled token); captures would average that row in
+                      # (measured on an H200: response means 5e-2 off). Off, and checked below.
+                      "async_scheduling": False}
         if max_num_batched_tokens is not None:
             # vLLM requires max_num_batched_tokens >= max_num_seqs; a small token budget (to
             # force chunked prefill) implies fewer concurrent sequences.
@@ -126,6 +131,7 @@ class SteeringEngine:
         kwargs.update(llm_kwargs)
         self._llm = LLM(**kwargs)
         try:
+            self._check_scheduler()
             info = self._llm.collective_rpc("steering_install")[0]
             self.runner_kind: str = info["runner_kind"]
             self.num_layers: int = int(info["num_layers"])
@@ -168,6 +174,14 @@ class SteeringEngine:
             raise HooksNotFiredError(
                 f"{self.model_class}: only {res.hook_calls} of {self.num_layers} layer hooks "
                 "fired in the self-test; start the engine with enforce_eager=True")
+
+    def _check_scheduler(self) -> None:
+        sched = getattr(getattr(self._llm.llm_engine, "vllm_config", None), "scheduler_config",
+                        None)
+        if getattr(sched, "async_scheduling", False):
+            raise EngineError("vLLM's async scheduling is on: it forwards an extra step after a "
+                              "request finishes, which captures would average in; start the "
+                              "engine with async_scheduling=False")
 
     def _validate(self, specs: list[RequestSpec | None]) -> None:
         validate_specs(specs, num_layers=self.num_layers, hidden_size=self.hidden_size)
@@ -267,8 +281,16 @@ class SteeringEngine:
     def _capture(got: dict, res: GenResult) -> Capture:
         from workers.engine.extension import unpack
 
-        cap = Capture(layers=got["layers"], means={k: unpack(v) for k, v in got["means"].items()}, counts=dict(got["counts"]),
+        cap = Capture(layers=got["layers"], means={k: unpack(v) for k, v in got["means"].items()},
+                      counts=dict(got["counts"]),
                       positions={k: tuple(v) for k, v in got["positions"].items()})
+        # Forwarded positions are [0, P + n_generated - 1): the last sampled token is never fed
+        # back. A span reaching past that averaged a row the reference never sees.
+        limit = len(res.prompt_token_ids) + max(len(res.token_ids), 1) - 1
+        for name, (_, end) in cap.positions.items():
+            if end > limit:
+                raise EngineError(f"capture span {name!r} covered positions up to {end}, past "
+                                  f"the {limit} this request forwarded (an extra scheduler step?)")
         if "raw" in got:
             seq = res.prompt_token_ids + res.token_ids
             cap.raw = unpack(got["raw"])
