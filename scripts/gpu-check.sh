@@ -28,8 +28,8 @@ stamp=$(date -u +%Y%m%dT%H%MZ)
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # Enough tokens per run (~4-10 s) and repetitions that the spread is reported; the 8B shape
 # gives both engines 45 % so plain compiled vLLM holds every request's KV cache too.
-declare -A BENCH=([0.6b]="--prompts 512 --prompt-len 256 --tokens 128 --reps 5"
-                  [8b]="--prompts 256 --prompt-len 256 --tokens 128 --reps 4 \
+declare -A BENCH=([0.6b]="--prompts 512 --prompt-len 256 --tokens 128 --reps 4"
+                  [8b]="--prompts 256 --prompt-len 256 --tokens 128 --reps 3 \
                         --gpu-memory-utilization 0.45 --compiled-share 0.45")
 
 gpu_tests() {  # name, limit in seconds, pytest target
