@@ -165,11 +165,9 @@ def main(argv=None) -> dict:
 
         def run_compiled() -> None:
             from vllm import SamplingParams
-            from vllm.inputs import TokensPrompt
 
             sp = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0)
-            compiled.generate([TokensPrompt(prompt_token_ids=q) for q in prompts], sp,
-                              use_tqdm=False)
+            compiled.generate([{"prompt_token_ids": q} for q in prompts], sp, use_tqdm=False)
 
         def run_capture(batched: bool) -> float:
             t = time.perf_counter()
