@@ -28,8 +28,8 @@ stamp=$(date -u +%Y%m%dT%H%MZ)
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # Enough tokens per run (~4-10 s) and repetitions that the spread is reported; the 8B shape
 # gives both engines 45 % so plain compiled vLLM holds every request's KV cache too.
-declare -A BENCH=([0.6b]="--prompts 512 --prompt-len 256 --tokens 128 --reps 4"
-                  [8b]="--prompts 256 --prompt-len 256 --tokens 128 --reps 3 \
+declare -A BENCH=([0.6b]="--prompts 512 --prompt-len 256 --tokens 128 --reps 3"
+                  [8b]="--prompts 192 --prompt-len 256 --tokens 128 --reps 3 \
                         --gpu-memory-utilization 0.45 --compiled-share 0.45")
 
 gpu_tests() {  # name, limit in seconds, pytest target
@@ -44,11 +44,14 @@ for phase in "$@"; do
   case "$phase" in
     diag)
       export CUDA_VISIBLE_DEVICES=$idx
-      for run in "tiny:qwen3 tf32" "tiny:qwen3 ieee" "tiny:gemma ieee" "tiny:llama ieee"; do
-        read -r model f32 <<< "$run"; log="$OUT/diag-${model#tiny:}-$f32"
+      # DIAG_RUNS: "model f32-precision [attention backend];..." (default: the four below)
+      IFS=';' read -ra runs <<< "${DIAG_RUNS:-tiny:qwen3 ieee;tiny:gemma ieee;tiny:llama ieee;tiny:qwen3 tf32}"
+      for run in "${runs[@]}"; do
+        read -r model f32 attn <<< "$run"; log="$OUT/diag-${model#tiny:}-$f32${attn:+-$attn}"
         timeout 150 python3 scripts/gpu_parity_report.py --model "$model" --dtype float32 \
-          --env "TRITON_F32_DEFAULT=$f32" --models-dir "$models" --json "$log.json" > "$log.log" 2>&1
-        echo "diag $model $f32 rc=$?"; grep -A40 "^# tiny" "$log.log"
+          --env "TRITON_F32_DEFAULT=$f32" ${attn:+--attention $attn} --models-dir "$models" \
+          --json "$log.json" > "$log.log" 2>&1
+        echo "diag $model $f32 $attn rc=$?"; grep -A40 "^seq 0" "$log.log"
       done ;;
     cleanup)
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_GPU_MODELS=$models

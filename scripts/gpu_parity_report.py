@@ -51,18 +51,22 @@ def main(argv=None) -> dict:
     plens = [max(1, len(s) // 2) for s in seqs]
     spec = RequestSpec(capture=CaptureSpec())
     extra = {"attention_config": {"backend": args.attention}} if args.attention else {}
+    raw = RequestSpec(capture=CaptureSpec(raw=True))
     eng = SteeringEngine(str(path), dtype=args.dtype, max_model_len=1024,
                          gpu_memory_utilization=0.3, enforce_eager=True, **extra)
     try:
         got = eng.capture(seqs, spec, prompt_lens=plens)
+        got_raw = eng.capture(seqs, raw, prompt_lens=plens)
         backend = _attention_backend(eng)
     finally:
         eng.shutdown()
     hf = HFBackend(path, dtype=args.dtype, device=device)
     try:
         ref = hf.capture(seqs, spec, prompt_lens=plens)
+        ref_raw = hf.capture(seqs, raw, prompt_lens=plens)
     finally:
         hf.close()
+    _rows_report(seqs, plens, got, ref, got_raw, ref_raw)
     rows = []
     for layer in range(len(got[0].layers)):
         row = {"layer": layer}
@@ -85,6 +89,36 @@ def main(argv=None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _rows_report(seqs, plens, got, ref, got_raw, ref_raw) -> None:
+    """Per sequence: span counts on both sides, the positions whose layer-0 state differs, and
+    the response mean rebuilt from vLLM's own raw rows (tells a wrong row from a wrong sum)."""
+    for i, (s, p) in enumerate(zip(seqs, plens)):
+        g, r, gr, rr = got[i], ref[i], got_raw[i], ref_raw[i]
+        print(f"seq {i}: len {len(s)} P {p} counts vllm {g.counts} hf {r.counts} "
+              f"raw positions vllm {len(gr.raw_positions or [])} hf {len(rr.raw_positions or [])}")
+        if gr.raw is None or rr.raw is None:
+            continue
+        gpos = {q: k for k, q in enumerate(gr.raw_positions)}
+        bad = []
+        for k, q in enumerate(rr.raw_positions):
+            if q not in gpos:
+                bad.append((q, "missing"))
+                continue
+            a, b = gr.raw[gpos[q], 0], rr.raw[k, 0]
+            e = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+            if e > 1e-3:
+                bad.append((q, f"{e:.2e}"))
+        extra = sorted(set(gr.raw_positions) - set(rr.raw_positions))
+        print(f"   differing positions (layer 0): {bad[:12]}{' ...' if len(bad) > 12 else ''}"
+              f"; only in vLLM: {extra[:12]}")
+        rows = [gpos[q] for q in range(p, len(s)) if q in gpos]
+        if rows:
+            rebuilt = gr.raw[rows].mean(0)
+            e = float((rebuilt - g.means["response"]).abs().max()
+                      / g.means["response"].abs().max().clamp_min(1e-6))
+            print(f"   vLLM response mean vs its own raw rows [P, len): {e:.2e}")
 
 
 def _attention_backend(eng) -> str | None:

@@ -55,16 +55,17 @@ class EngineOOMError(EngineError):
 
 
 def _gpu_memory() -> dict | None:
-    """Device-wide memory reading of the current CUDA device, or None without CUDA."""
-    try:
-        import torch
+    """Device-wide memory of this process's GPU (the first visible one), or None without one.
 
-        if not torch.cuda.is_available():
-            return None
-        free, total = torch.cuda.mem_get_info()
-        return {"free": int(free), "total": int(total), "used": int(total - free)}
-    except Exception:  # noqa: BLE001 - a reading is best-effort
-        return None
+    Read through NVML, never ``torch.cuda``: a CUDA context in this process makes vLLM fork the
+    next engine's core with CUDA initialised, which fails ("Cannot re-initialize CUDA in forked
+    subprocess": measured on an H200 at a model switch), and holds GPU memory of its own.
+    """
+    from workers import gpu
+
+    visible = gpu.visible_gpus()
+    reading = gpu.memory(visible[0]) if visible else None
+    return reading.as_dict() if reading is not None else None
 
 
 def _is_oom(exc: BaseException) -> bool:
