@@ -102,6 +102,9 @@ class SteeringEngine:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  load_format: str = "auto", seed: int = 0, **llm_kwargs):
         os.environ.setdefault(V2_ENV, "0")
+        # Spawn, never fork: any torch.cuda call in this process (even is_available) poisons a
+        # forked engine core ("Cannot re-initialize CUDA in forked subprocess", seen on an H200).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if str(dtype).removeprefix("torch.") in ("float32", "fp32", "float"):
             # vLLM's Triton attention (its CUDA backend for fp32) multiplies fp32 in TF32 unless
             # told otherwise; fp32 captures must be fp32 (measured on an H200, tiny Qwen3:
