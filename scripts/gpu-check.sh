@@ -48,17 +48,17 @@ for phase in "$@"; do
       IFS=';' read -ra runs <<< "${DIAG_RUNS:-tiny:qwen3 ieee;tiny:gemma ieee;tiny:llama ieee;tiny:qwen3 tf32}"
       for run in "${runs[@]}"; do
         read -r model f32 attn <<< "$run"; log="$OUT/diag-${model#tiny:}-$f32${attn:+-$attn}"
-        timeout 150 python3 scripts/gpu_parity_report.py --model "$model" --dtype float32 \
+        timeout 150 python3 scripts/gpu_parity_report.py --model "$model" --dtype float32 ${DIAG_ARGS:-} \
           --env "TRITON_F32_DEFAULT=$f32" ${attn:+--attention $attn} --models-dir "$models" \
           --json "$log.json" > "$log.log" 2>&1
-        echo "diag $model $f32 $attn rc=$?"; grep -A40 "^seq 0" "$log.log"
+        echo "diag $model $f32 $attn rc=$?"; grep -A45 "^## " "$log.log"
       done ;;
     cleanup)
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_GPU_MODELS=$models
       gpu_tests cleanup 240 tests/gpu/test_gpu_cleanup.py ;;  # own process: reads NVML
     parity)
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_GPU_MODELS=$models
-      gpu_tests parity 420 tests/gpu/test_gpu_parity.py ;;
+      gpu_tests parity 420 tests/gpu/test_gpu_parity.py ${PARITY_K:+-k "$PARITY_K"} ;;
     multi)
       unset CUDA_VISIBLE_DEVICES; export CHATSPACE_GPU_MODELS=/tmp/gpu-models-multi
       gpu_tests multi 500 tests/gpu/test_gpu_multi.py ;;

@@ -29,6 +29,9 @@ def main(argv=None) -> dict:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--attention", help="vLLM attention backend (e.g. FLEX_ATTENTION); default: "
                    "vLLM's choice")
+    p.add_argument("--hf-attn", nargs="+", default=["eager"],
+                   help="transformers attention implementations to compare against (the last "
+                   "one is the table's reference)")
     p.add_argument("--models-dir", default=os.environ.get("CHATSPACE_GPU_MODELS")
                    or tempfile.gettempdir())
     p.add_argument("--json", type=Path)
@@ -60,13 +63,16 @@ def main(argv=None) -> dict:
         backend = _attention_backend(eng)
     finally:
         eng.shutdown()
-    hf = HFBackend(path, dtype=args.dtype, device=device)
-    try:
-        ref = hf.capture(seqs, spec, prompt_lens=plens)
-        ref_raw = hf.capture(seqs, raw, prompt_lens=plens)
-    finally:
-        hf.close()
-    _rows_report(seqs, plens, got, ref, got_raw, ref_raw)
+    for impl in args.hf_attn:
+        hf = HFBackend(path, dtype=args.dtype, device=device, attn_implementation=impl)
+        try:
+            ref = hf.capture(seqs, spec, prompt_lens=plens)
+            ref_raw = hf.capture(seqs, raw, prompt_lens=plens)
+        finally:
+            hf.close()
+            del hf
+        print(f"## transformers attention: {impl}")
+        _rows_report(seqs, plens, got, ref, got_raw, ref_raw)
     rows = []
     for layer in range(len(got[0].layers)):
         row = {"layer": layer}

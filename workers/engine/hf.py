@@ -78,7 +78,11 @@ class HFBackend:
     """
 
     def __init__(self, model_path: str | Path, *, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", attn_implementation: str = "eager"):
+        """``attn_implementation``: "eager" (the default) is plain matmul-softmax attention,
+        the reference's job. On CUDA, SDPA's kernels with a left-padding mask gave the last
+        column's query a different state (an H200, fp32, width not a multiple of 8: the last
+        token of every sequence ~100 % off at layer 0, every other position within 1e-6)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if isinstance(dtype, str):
@@ -88,7 +92,8 @@ class HFBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=dtype, attn_implementation=attn_implementation)
         self.model.to(self.device).eval()
         layers = getattr(getattr(self.model, "model", None), "layers", None)
         if layers is None:
