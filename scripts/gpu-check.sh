@@ -5,11 +5,11 @@
 #
 # phases: diag (per-layer fp32 parity report, TF32 on vs off) | cleanup | parity (the gpu tests
 # on one GPU) | multi (tensor parallel + two pinned workers; needs 2 GPUs) | bench-0.6b | bench-8b
-# CHATSPACE_GPU_INDEX=N runs the single-GPU phases on GPU N, so two lanes can share a 2-GPU
+# CHATSPACE_TEST_GPU_INDEX=N runs the single-GPU phases on GPU N, so two lanes can share a 2-GPU
 # machine. The calls, with the device tool (kind nvidia-h100-x2 for `multi`):
 #   1 (carry .gpu-stage/a):                bash .gpu-stage/a/unpack.sh
-#   2 (carry .gpu-stage/b .gpu-stage/c):   CHATSPACE_GPU_INDEX=0 bash scripts/gpu-check.sh diag cleanup &
-#                                          CHATSPACE_GPU_INDEX=1 bash scripts/gpu-check.sh parity; wait
+#   2 (carry .gpu-stage/b .gpu-stage/c):   CHATSPACE_TEST_GPU_INDEX=0 bash scripts/gpu-check.sh diag cleanup &
+#                                          CHATSPACE_TEST_GPU_INDEX=1 bash scripts/gpu-check.sh parity; wait
 #   3 (same machine, same carry):          ... bench-0.6b & ... bench-8b; wait
 #   4:                                     bash scripts/gpu-check.sh multi
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
@@ -20,8 +20,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 . .gpu-stage/b/env.sh || exit 5
 . .gpu-stage/c/env.sh || exit 5
-export VLLM_USE_V2_MODEL_RUNNER=0 CHATSPACE_GPU_OUT="$OUT" HF_HOME=/tmp/hf PYTHONUNBUFFERED=1
-idx=${CHATSPACE_GPU_INDEX:-0}
+# CHATSPACE_TEST_*: the test suite clears every other CHATSPACE_* variable (tests/conftest.py)
+export VLLM_USE_V2_MODEL_RUNNER=0 CHATSPACE_TEST_GPU_OUT="$OUT" HF_HOME=/tmp/hf PYTHONUNBUFFERED=1
+idx=${CHATSPACE_TEST_GPU_INDEX:-0}
 models=/tmp/gpu-models-$idx   # one model folder per lane: two lanes never build the same files
 card=$(nvidia-smi -i "$idx" --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 stamp=$(date -u +%Y%m%dT%H%MZ)
@@ -54,13 +55,13 @@ for phase in "$@"; do
         echo "diag $model $f32 $attn rc=$?"; grep -A45 "^## " "$log.log"
       done ;;
     cleanup)
-      export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_GPU_MODELS=$models
+      export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
       gpu_tests cleanup 240 tests/gpu/test_gpu_cleanup.py ;;  # own process: reads NVML
     parity)
-      export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_GPU_MODELS=$models
+      export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
       gpu_tests parity 420 tests/gpu/test_gpu_parity.py ${PARITY_K:+-k "$PARITY_K"} ;;
     multi)
-      unset CUDA_VISIBLE_DEVICES; export CHATSPACE_GPU_MODELS=/tmp/gpu-models-multi
+      unset CUDA_VISIBLE_DEVICES; export CHATSPACE_TEST_GPU_MODELS=/tmp/gpu-models-multi
       gpu_tests multi 500 tests/gpu/test_gpu_multi.py ;;
     bench-0.6b|bench-8b)
       export CUDA_VISIBLE_DEVICES=$idx

@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     p.add_argument("--hf-attn", nargs="+", default=["eager"],
                    help="transformers attention implementations to compare against (the last "
                    "one is the table's reference)")
-    p.add_argument("--models-dir", default=os.environ.get("CHATSPACE_GPU_MODELS")
+    p.add_argument("--models-dir", default=os.environ.get("CHATSPACE_TEST_GPU_MODELS")
                    or tempfile.gettempdir())
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

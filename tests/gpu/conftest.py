@@ -22,5 +22,5 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def gpu_models_dir(tmp_path_factory):
-    base = os.environ.get("CHATSPACE_GPU_MODELS")
+    base = os.environ.get("CHATSPACE_TEST_GPU_MODELS")
     return base if base else str(tmp_path_factory.mktemp("gpu-models"))

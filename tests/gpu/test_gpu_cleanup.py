@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 SLACK = 512 * 2**20
-GPU = os.environ.get("CHATSPACE_GPU_INDEX", "0")  # physical index (NVML); scripts/gpu-check.sh
+GPU = os.environ.get("CHATSPACE_TEST_GPU_INDEX", "0")  # physical index (NVML); scripts/gpu-check.sh
 NAME = "gpu-test-worker"
 
 

@@ -1,9 +1,9 @@
 """The engine refuses a capture whose spans reach past the positions a request forwarded.
 
-vLLM's async scheduling (on by default for CUDA in vLLM 0.26) forwards one more step for a
-request that has just finished; its row landed in the response mean (5e-2 off on an H200)
-while the prompt mean stayed exact. The engine turns it off; this guard catches any other
-extra step, on any build, instead of storing the wrong mean.
+vLLM's async scheduling (on by default for CUDA in vLLM 0.26) plans the next step before the
+last one's tokens are known, so a request that just stopped can be forwarded once more, and
+its row would land in the response mean. The engine turns it off; this guard catches any
+extra step, on any build, instead of storing a wrong mean.
 """
 
 from __future__ import annotations

@@ -123,9 +123,10 @@ class SteeringEngine:
                       "enforce_eager": enforce_eager, "tensor_parallel_size": tensor_parallel_size,
                       "max_num_seqs": max_num_seqs, "enable_prefix_caching": enable_prefix_caching,
                       "load_format": load_format, "seed": seed, "worker_extension_cls": EXTENSION,
-                      # Async scheduling forwards one more step for a request that has just
-                      # finished (its last sampled token); captures would average that row in
-                      # (measured on an H200: response means 5e-2 off). Off, and checked below.
+                      # Async scheduling plans step N+1 before step N's tokens are known, so a
+                      # request that just stopped may be forwarded once more; a capture would
+                      # average that row in. Off as a precaution (the span check in _capture
+                      # refuses such a row either way); its throughput cost is in bench/.
                       "async_scheduling": False}
         if max_num_batched_tokens is not None:
             # vLLM requires max_num_batched_tokens >= max_num_seqs; a small token budget (to
