@@ -22,17 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.shapes import SHAPES as _SHAPES
+
 # Real models' shapes, for --shape (random weights; nothing is downloaded).
-SHAPES = {
-    "qwen3-0.6b": {"layers": 28, "hidden": 1024, "heads": 16, "kv_heads": 8, "head_dim": 128,
-                   "intermediate": 3072, "vocab": 151936},
-    "qwen3-8b": {"layers": 36, "hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128,
-                 "intermediate": 12288, "vocab": 151936},
-}
+_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+SHAPES = {name: dict(zip(_FIELDS, dims)) for name, dims in _SHAPES.items()}
 
 
 def _model_dir(args) -> tuple[str, str]:
