@@ -184,9 +184,9 @@ class SteeringEngine:
         sched = getattr(getattr(self._llm.llm_engine, "vllm_config", None), "scheduler_config",
                         None)
         if getattr(sched, "async_scheduling", False):
-            raise EngineError("vLLM's async scheduling is on: it forwards an extra step after a "
-                              "request finishes, which captures would average in; start the "
-                              "engine with async_scheduling=False")
+            raise EngineError("vLLM's async scheduling is on: it can forward a request once "
+                              "more after it stops, and captures would average that row in; "
+                              "start the engine with async_scheduling=False")
 
     def _validate(self, specs: list[RequestSpec | None]) -> None:
         validate_specs(specs, num_layers=self.num_layers, hidden_size=self.hidden_size)
