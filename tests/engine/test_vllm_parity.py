@@ -23,10 +23,10 @@ import torch
 
 pytest.importorskip("vllm")
 
-from workers.engine.engine import SteeringEngine  # noqa: E402
-from workers.engine.hf import HFBackend  # noqa: E402
-from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions, Span, SteerOp  # noqa: E402
-from workers.engine.tiny import FAMILIES  # noqa: E402
+from workers.engine.engine import SteeringEngine
+from workers.engine.hf import HFBackend
+from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions, Span, SteerOp
+from workers.engine.tiny import FAMILIES
 
 pytestmark = pytest.mark.engine
 

@@ -9,11 +9,12 @@ tests.
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.engine.tp_check import assert_tp2_matches_tp1
 
 pytestmark = pytest.mark.gpu
 
@@ -26,46 +27,12 @@ def _two_gpus():
         pytest.skip("needs two GPUs (device kind nvidia-h100-x2)")
 
 
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
-
-
 def test_tensor_parallel_matches_single_gpu(gpu_models_dir):
-    import torch
-
-    from workers.engine.engine import SteeringEngine
-    from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions, SteerOp
     from workers.engine.tiny import ensure_tiny_model
 
-    path = ensure_tiny_model("tiny:qwen3", Path(gpu_models_dir))
-    rnd = random.Random(3)
-    seqs = [[rnd.randrange(3, 500) for _ in range(rnd.randrange(20, 160))] for _ in range(6)]
-    plens = [len(s) // 2 for s in seqs]
-    g = torch.Generator().manual_seed(0)
-    results = {}
-    for tp in (1, 2):
-        eng = SteeringEngine(str(path), dtype="float32", max_model_len=1024,
-                             gpu_memory_utilization=0.3, tensor_parallel_size=tp)
-        try:
-            if tp == 1:
-                vec = (torch.randn(eng.hidden_size, generator=g) * 2.0).tolist()
-                unit = torch.randn(eng.hidden_size, generator=g).tolist()
-                ops = [None, SteerOp("add", 1, vec, scale=1.5), SteerOp("cap", 2, unit, max=0.5),
-                       SteerOp("ablate", 0, unit, scale=0.0), None, SteerOp("add", 3, vec)]
-                specs = [RequestSpec(steer=(op,) if op else (), capture=CaptureSpec(),
-                                     key=f"r{i}") for i, op in enumerate(ops)]
-            caps = eng.capture(seqs, RequestSpec(capture=CaptureSpec()), prompt_lens=plens)
-            gens = eng.generate(seqs, SamplingOptions(max_tokens=12), specs)
-        finally:
-            eng.shutdown()
-        results[tp] = (caps, gens)
-    (c1, g1), (c2, g2) = results[1], results[2]
-    worst = max(_rel(a.means[s], b.means[s]) for a, b in zip(c2, c1)
-                for s in ("prompt", "response", "last_prompt"))
-    assert worst < 1e-3, f"TP=2 captures differ from TP=1 by {worst:.3g}"
-    for i, (a, b) in enumerate(zip(g2, g1)):
-        assert a.token_ids == b.token_ids, f"request {i}: TP=2 steered tokens differ from TP=1"
-        assert _rel(a.capture.means["prompt"], b.capture.means["prompt"]) < 1e-3
+    worst = assert_tp2_matches_tp1(ensure_tiny_model("tiny:qwen3", Path(gpu_models_dir)),
+                                   gpu_memory_utilization=0.3)
+    print(f"TP=2 vs TP=1 worst capture difference: {worst:.3g}")
 
 
 def test_two_pinned_workers_drain_one_queue(tmp_path, monkeypatch):
