@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Self
 
+from workers import gpu
 from workers.engine.runner import V2_ENV
 from workers.engine.spec import (
     Capture,
@@ -61,21 +62,9 @@ def _gpu_memory() -> dict | None:
     next engine's core with CUDA initialised, which fails ("Cannot re-initialize CUDA in forked
     subprocess": measured on an H200 at a model switch), and holds GPU memory of its own.
     """
-    from workers import gpu
-
     visible = gpu.visible_gpus()
     reading = gpu.memory(visible[0]) if visible else None
     return reading.as_dict() if reading is not None else None
-
-
-def _is_oom(exc: BaseException) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def steer_key(spec: RequestSpec) -> str:
@@ -241,7 +230,7 @@ class SteeringEngine:
         try:
             outs = self._llm.generate(inputs, params, use_tqdm=False)
         except Exception as exc:
-            if _is_oom(exc):
+            if gpu.is_oom(exc):
                 raise EngineOOMError(f"out of memory generating a batch of {len(prompts)}: {exc}",
                                      batch_size=len(prompts), memory=_gpu_memory()) from exc
             raise
