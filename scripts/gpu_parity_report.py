@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     import torch
 
     from workers.engine.engine import SteeringEngine
-    from workers.engine.hf import HFBackend
+    from workers.engine.hf import HFBackend, rel_err
     from workers.engine.spec import CaptureSpec, RequestSpec
     from workers.engine.tiny import ensure_tiny_model
 
@@ -76,10 +76,8 @@ def main(argv=None) -> dict:
     for layer in range(len(got[0].layers)):
         row = {"layer": layer}
         for span in ("prompt", "response", "last_prompt"):
-            row[span] = max(
-                float((g.means[span][layer] - r.means[span][layer]).abs().max()
-                      / r.means[span][layer].abs().max().clamp_min(1e-6))
-                for g, r in zip(got, ref))
+            row[span] = max(rel_err(g.means[span][layer], r.means[span][layer])
+                            for g, r in zip(got, ref))
         rows.append(row)
     env = {k: os.environ.get(k) for k in ("TRITON_F32_DEFAULT", "VLLM_ATTENTION_BACKEND",
                                           "VLLM_FLOAT32_MATMUL_PRECISION")}
@@ -100,6 +98,8 @@ def main(argv=None) -> dict:
 def _rows_report(seqs, plens, got, ref, got_raw, ref_raw) -> None:
     """Per sequence: span counts on both sides, the positions whose layer-0 state differs, and
     the response mean rebuilt from vLLM's own raw rows (tells a wrong row from a wrong sum)."""
+    from workers.engine.hf import rel_err
+
     for i, (s, p) in enumerate(zip(seqs, plens)):
         g, r, gr, rr = got[i], ref[i], got_raw[i], ref_raw[i]
         print(f"seq {i}: len {len(s)} P {p} counts vllm {g.counts} hf {r.counts} "
@@ -112,8 +112,7 @@ def _rows_report(seqs, plens, got, ref, got_raw, ref_raw) -> None:
             if q not in gpos:
                 bad.append((q, "missing"))
                 continue
-            a, b = gr.raw[gpos[q], 0], rr.raw[k, 0]
-            e = float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+            e = rel_err(gr.raw[gpos[q], 0], rr.raw[k, 0])
             if e > 1e-3:
                 bad.append((q, f"{e:.2e}"))
         extra = sorted(set(gr.raw_positions) - set(rr.raw_positions))
@@ -121,9 +120,7 @@ def _rows_report(seqs, plens, got, ref, got_raw, ref_raw) -> None:
               f"; only in vLLM: {extra[:12]}")
         rows = [gpos[q] for q in range(p, len(s)) if q in gpos]
         if rows:
-            rebuilt = gr.raw[rows].mean(0)
-            e = float((rebuilt - g.means["response"]).abs().max()
-                      / g.means["response"].abs().max().clamp_min(1e-6))
+            e = rel_err(gr.raw[rows].mean(0), g.means["response"])
             print(f"   vLLM response mean vs its own raw rows [P, len): {e:.2e}")
 
 

@@ -7,15 +7,12 @@ import random
 from pathlib import Path
 
 
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
-
-
 def assert_tp2_matches_tp1(path: Path, *, tol: float = 1e-3, **engine_kw) -> float:
     """Run both engines one after the other; returns the worst capture difference."""
     import torch
 
     from workers.engine.engine import SteeringEngine
+    from workers.engine.hf import rel_err
     from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions, SteerOp
 
     rnd = random.Random(3)
@@ -40,10 +37,10 @@ def assert_tp2_matches_tp1(path: Path, *, tol: float = 1e-3, **engine_kw) -> flo
             eng.shutdown()
         results[tp] = (caps, gens)
     (c1, g1), (c2, g2) = results[1], results[2]
-    worst = max(_rel(a.means[s], b.means[s]) for a, b in zip(c2, c1)
+    worst = max(rel_err(a.means[s], b.means[s]) for a, b in zip(c2, c1)
                 for s in ("prompt", "response", "last_prompt"))
     assert worst < tol, f"TP=2 captures differ from TP=1 by {worst:.3g}"
     for i, (a, b) in enumerate(zip(g2, g1)):
         assert a.token_ids == b.token_ids, f"request {i}: TP=2 steered tokens differ from TP=1"
-        assert _rel(a.capture.means["prompt"], b.capture.means["prompt"]) < tol
+        assert rel_err(a.capture.means["prompt"], b.capture.means["prompt"]) < tol
     return worst

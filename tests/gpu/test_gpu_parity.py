@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from workers.engine.hf import rel_err
+
 pytestmark = pytest.mark.gpu
 
 CASES = [("qwen3", "float32"), ("qwen3", "bfloat16"), ("llama", "float32"),
@@ -35,10 +37,6 @@ def _model(name: str, dtype: str, root: str) -> Path:
     from workers.engine.tiny import ensure_tiny_model
 
     return ensure_tiny_model(f"tiny:{name}", Path(root))
-
-
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
 
 
 def _record(test: str, **figures) -> None:
@@ -82,12 +80,12 @@ def test_capture_parity(pair):
     worst = 0.0
     for g, r in zip(got, ref):
         for span in ("prompt", "response", "last_prompt"):
-            worst = max(worst, _rel(g.means[span], r.means[span]))
+            worst = max(worst, rel_err(g.means[span], r.means[span]))
     _record("capture_parity", model=name, dtype=dtype, worst=worst, tol=TOL[dtype])
     assert worst < TOL[dtype], f"{name} {dtype}: worst relative error {worst:.3g}"
     # Control: another request's mean must be far outside the tolerance, so the metric can
     # tell wrong rows from kernel noise.
-    assert _rel(got[1].means["prompt"], ref[0].means["prompt"]) > TOL[dtype]
+    assert rel_err(got[1].means["prompt"], ref[0].means["prompt"]) > TOL[dtype]
 
 
 def test_mixed_batch_steering(pair):
@@ -113,16 +111,16 @@ def test_mixed_batch_steering(pair):
                                       for i in range(len(seqs))])
     _record("mixed_batch_steering", model=name, dtype=dtype, requests=[
         {"op": ops[i].op if ops[i] else None, "tokens_match_hf": a.token_ids == b.token_ids,
-         "prompt_rel_err": _rel(a.capture.means["prompt"], b.capture.means["prompt"])}
+         "prompt_rel_err": rel_err(a.capture.means["prompt"], b.capture.means["prompt"])}
         for i, (a, b) in enumerate(zip(got, ref))])
     for i, (a, b, p) in enumerate(zip(got, ref, plain)):
         assert a.token_ids == b.token_ids, f"request {i}: steered tokens differ from HF"
-        assert _rel(a.capture.means["prompt"], b.capture.means["prompt"]) < TOL[dtype]
+        assert rel_err(a.capture.means["prompt"], b.capture.means["prompt"]) < TOL[dtype]
         if ops[i] is None:
             assert a.token_ids == p.token_ids
-            assert _rel(a.capture.means["prompt"], p.capture.means["prompt"]) < 1e-4
+            assert rel_err(a.capture.means["prompt"], p.capture.means["prompt"]) < 1e-4
         else:
-            assert _rel(a.capture.means["prompt"], p.capture.means["prompt"]) > 1e-3
+            assert rel_err(a.capture.means["prompt"], p.capture.means["prompt"]) > 1e-3
 
 
 def test_real_cuda_oom_halves_then_fails(gpu_models_dir):

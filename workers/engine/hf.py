@@ -354,6 +354,12 @@ class HFBackend:
         self._handles = []
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The parity metric: max|got − ref| / max|ref| (the GPU parity checks and report)."""
+    return float((got.float() - ref.float()).abs().max()
+                 / ref.float().abs().max().clamp_min(1e-6))
+
+
 def _as_list(x) -> list:
     if x is None:
         return []
