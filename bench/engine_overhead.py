@@ -6,9 +6,9 @@ machine hits every mode alike. Baselines: ``plain_compiled`` is plain vLLM as us
 (its default compiled mode with CUDA graphs, no extension; a second engine in the same
 process, CUDA only); ``plain_eager`` is the steering engine with no specs. The table shows the
 median tokens/s, the spread ((max−min)/median) and the ratios of medians against both; also the
-bytes a capture returns to the host per sample and each engine's start time. Prefix caching is off by default so plain
-requests do not get repeated prompts for free while capture requests (which skip the cache)
-pay in full.
+bytes a capture returns to the host per sample and each engine's start time. Prefix caching is
+off by default so plain requests do not get repeated prompts for free while capture requests
+(which skip the cache) pay in full.
 
     python bench/engine_overhead.py --model tiny:qwen3 --dtype float32
     python bench/engine_overhead.py --shape qwen3-0.6b --prompts 256 --json out.json   # GPU
@@ -245,18 +245,19 @@ def _rows(rates: dict[str, list[float]], info: dict) -> list[dict]:
     return rows
 
 
+def _ratio(row: dict, key: str) -> str:
+    v = row.get(key)
+    return f"{v:.2f}x" if v else "-"
+
+
 def _print(result: dict) -> None:
     info = result["info"]
     print(f"# {info}")
     print(f"{'config':<24}{'median tok/s':>13}{'spread':>8}{'/eager':>8}{'/compiled':>10}")
-    def f(row, key):
-        v = row.get(key)
-        return f"{v:.2f}x" if v else "-"
-
     for r in result["rows"]:
-        last = f(r, "ratio_vs_one_at_a_time") if "ratio_vs_one_at_a_time" in r else ""
+        last = _ratio(r, "ratio_vs_one_at_a_time") if "ratio_vs_one_at_a_time" in r else ""
         print(f"{r['config']:<24}{r['median_tok_s']:>13.0f}{r['spread']:>7.0%} "
-              f"{f(r, 'ratio_vs_plain_eager'):>8}{f(r, 'ratio_vs_plain_compiled'):>10}"
+              f"{_ratio(r, 'ratio_vs_plain_eager'):>8}{_ratio(r, 'ratio_vs_plain_compiled'):>10}"
               + (f"  (batched / one at a time: {last})" if last else ""))
     print(f"capture of all layers returns {info['capture_host_bytes_per_sample']:.0f} bytes per "
           f"sample to the host; start: " + ", ".join(f"{k} {v:.1f}s"

@@ -80,9 +80,9 @@ class HFBackend:
     def __init__(self, model_path: str | Path, *, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", attn_implementation: str = "eager"):
         """``attn_implementation``: "eager" (the default) is plain matmul-softmax attention,
-        the reference's job. On CUDA, SDPA's kernels with a left-padding mask gave the last
-        column's query a different state (an H200, fp32, width not a multiple of 8: the last
-        token of every sequence ~100 % off at layer 0, every other position within 1e-6)."""
+        the reference's job. On CUDA, SDPA with a left-padding mask gave the last token of
+        every sequence a different state (an H200, fp32: ~100 % off at layer 0, every other
+        position within 1e-6 of vLLM)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if isinstance(dtype, str):
