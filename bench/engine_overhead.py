@@ -195,13 +195,18 @@ def main(argv=None) -> dict:
         run_capture(False)
         rates: dict[str, list[float]] = {m: [] for m in runs}
         rates["capture_batched"], rates["capture_one_at_a_time"] = [], []
-        for _ in range(args.reps):  # interleaved: drift hits every mode alike
+        for rep in range(args.reps):  # interleaved: drift hits every mode alike
             for name, fn in runs.items():
                 t = time.perf_counter()
                 fn()
                 rates[name].append(total / (time.perf_counter() - t))
             rates["capture_batched"].append(run_capture(True))
             rates["capture_one_at_a_time"].append(run_capture(False))
+            print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+                f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
+            if args.json:  # a run cut short by a time limit still leaves its repetitions
+                args.json.write_text(json.dumps({"partial": True, "start_s": start_s,
+                                                 "raw": rates}, indent=2))
         info = {"model": args.model, "shape": args.shape, "path": path,
                 "load_format": load_format, "dtype": args.dtype, "layers": eng.num_layers,
                 "hidden": eng.hidden_size, "runner": eng.runner_kind, "prompts": args.prompts,
