@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -129,10 +130,14 @@ def main(argv=None) -> dict:
         for k, v in SHAPES[args.shape].items():
             setattr(args, k, v)
 
+    # Spawn, as SteeringEngine does, before anything touches CUDA: the compiled baseline starts
+    # first, and a forked engine core dies once this process has called torch.cuda.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     import numpy as np
     import torch
 
     from workers.engine.engine import SteeringEngine
+    from workers.engine.runner import V2_ENV
     from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions
 
     if args.compiled is None:
@@ -146,9 +151,17 @@ def main(argv=None) -> dict:
     if args.compiled:  # plain vLLM as users run it today: compiled graphs, no extension
         from vllm import LLM
 
-        t = time.perf_counter()
-        compiled = LLM(model=path, gpu_memory_utilization=args.compiled_share, seed=0, **common)
-        start_s["plain_compiled"] = time.perf_counter() - t
+        # vLLM's defaults, model runner included: the steering engine's V1-runner setting
+        # (VLLM_USE_V2_MODEL_RUNNER=0) is read by the engine core, which inherits the env.
+        runner_env = os.environ.pop(V2_ENV, None)
+        try:
+            t = time.perf_counter()
+            compiled = LLM(model=path, gpu_memory_utilization=args.compiled_share, seed=0,
+                           **common)
+            start_s["plain_compiled"] = time.perf_counter() - t
+        finally:
+            if runner_env is not None:
+                os.environ[V2_ENV] = runner_env
     t = time.perf_counter()
     eng = SteeringEngine(path, gpu_memory_utilization=args.gpu_memory_utilization, **common)
     start_s["steering_engine"] = time.perf_counter() - t
