@@ -6,12 +6,15 @@
 # phases: diag (per-layer fp32 parity report, TF32 on vs off) | cleanup | parity (the gpu tests
 # on one GPU) | multi (tensor parallel + two pinned workers; needs 2 GPUs) | bench-0.6b | bench-8b
 # CHATSPACE_TEST_GPU_INDEX=N runs the single-GPU phases on GPU N, so two lanes can share a 2-GPU
-# machine. The calls, with the device tool (kind nvidia-h100-x2 for `multi`):
+# machine. Two lanes write the same log names: give each its own OUT. The calls that ran the
+# whole proof on 2x H200 (device tool, kind nvidia-h200-x2, back to back: ~23 min of device time):
 #   1 (carry .gpu-stage/a):                bash .gpu-stage/a/unpack.sh
-#   2 (carry .gpu-stage/b .gpu-stage/c):   CHATSPACE_TEST_GPU_INDEX=0 bash scripts/gpu-check.sh diag cleanup &
-#                                          CHATSPACE_TEST_GPU_INDEX=1 bash scripts/gpu-check.sh parity; wait
-#   3 (same machine, same carry):          ... bench-0.6b & ... bench-8b; wait
-#   4:                                     bash scripts/gpu-check.sh multi
+#   2 (carry .gpu-stage/b .gpu-stage/c):   (CHATSPACE_TEST_GPU_INDEX=0 bash scripts/gpu-check.sh bench-0.6b &
+#                                           CHATSPACE_TEST_GPU_INDEX=1 bash scripts/gpu-check.sh bench-8b; wait)
+#   3 (same machine, same carry):          bash scripts/gpu-check.sh multi
+#   4:                                     (OUT=$OUT/l0 PARITY_K=float32 CHATSPACE_TEST_GPU_INDEX=0 ... parity &
+#                                           OUT=$OUT/l1 PARITY_K="not float32" CHATSPACE_TEST_GPU_INDEX=1 ... parity; wait)
+#   diag and cleanup: the same way, one lane each.
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
 # back); the bench JSON belongs in bench/results/.
@@ -27,10 +30,10 @@ models=/tmp/gpu-models-$idx   # one model folder per lane: two lanes never build
 card=$(nvidia-smi -i "$idx" --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 stamp=$(date -u +%Y%m%dT%H%MZ)
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-# Enough tokens per run (~4-10 s) and repetitions that the spread is reported; the 8B shape
+# Enough tokens per run (~10-15 s) and repetitions that the spread is reported; the 8B shape
 # gives both engines 45 % so plain compiled vLLM holds every request's KV cache too.
-declare -A BENCH=([0.6b]="--prompts 512 --prompt-len 256 --tokens 128 --reps 3"
-                  [8b]="--prompts 192 --prompt-len 256 --tokens 128 --reps 3 \
+declare -A BENCH=([0.6b]="--prompts 768 --prompt-len 256 --tokens 128 --reps 3"
+                  [8b]="--prompts 288 --prompt-len 256 --tokens 128 --reps 3 \
                         --gpu-memory-utilization 0.45 --compiled-share 0.45")
 
 gpu_tests() {  # name, limit in seconds, pytest target

@@ -7,7 +7,8 @@ order of reductions differs: 2e-3 (a wrong row or a missing token moves a mean b
 checked by the control below; measured on an H200: 1e-6, and 1e-3 with TF32 left on). The
 reference runs transformers' eager attention: its SDPA kernels on CUDA with a left-padding mask
 put the last token of every sequence ~100 % off at layer 0 (response means 5e-2 off).
-bf16 keeps 8 mantissa bits and 28 layers compound it, so 8e-2.
+bf16 keeps 8 mantissa bits and 28 layers compound it, so 4e-2 (measured on an H200 against
+the eager reference: 1.6e-2 for tiny Qwen3, 2.5e-2 for the Qwen3-0.6B shape).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.gpu
 
 CASES = [("qwen3", "float32"), ("qwen3", "bfloat16"), ("llama", "float32"),
          ("gemma", "float32"), ("qwen3-0.6b", "bfloat16")]
-TOL = {"float32": 2e-3, "bfloat16": 8e-2}
+TOL = {"float32": 2e-3, "bfloat16": 4e-2}
 
 
 def _model(name: str, dtype: str, root: str) -> Path:
