@@ -177,3 +177,19 @@ def test_apply_rows_touches_only_the_slice(rng):
     assert torch.equal(d[:3], before[:3]) and torch.equal(d[7:], before[7:])
     torch.testing.assert_close(d[3:7], ops.apply(before[3:7], r[3:7]))
     assert not torch.allclose(d[3:7], before[3:7])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kinds", [("add", "add"), ("add", "cap")])
+def test_in_place_apply_equals_apply_bit_for_bit(rng, dtype, kinds):
+    """apply_ (one fused add_ for add-only layers) rounds exactly as apply does, in every dtype,
+    and writes through a row slice of a larger tensor."""
+    residual, delta = _split(rng, (12, H))
+    r, d = torch.tensor(residual).to(dtype), torch.tensor(delta * 40).to(dtype)
+    ops = compile_layer([SteerOp(k, 0, _vec(rng), scale=0.7, max=0.5) if k == "cap"
+                         else SteerOp(k, 0, _vec(rng), scale=0.7) for k in kinds])
+    want = ops.apply(d[2:9], r[2:9])
+    got = d.clone()
+    ops.apply_(got[2:9], r[2:9])
+    assert torch.equal(got[2:9], want)
+    assert torch.equal(got[:2], d[:2]) and torch.equal(got[9:], d[9:])

@@ -51,6 +51,7 @@ class _Req:
     counts: dict[str, int] = field(default_factory=dict)
     covered: dict[str, list[int]] = field(default_factory=dict)
     steer_layers: frozenset[int] = frozenset()
+    hook_layers: frozenset[int] = frozenset()  # steer ∪ capture layers: where hooks count
     hook_calls: int = 0
     errors: list[str] = field(default_factory=list)
     raw_rows: dict[int, list[torch.Tensor]] | None = None
@@ -61,7 +62,9 @@ class _Req:
 class _Plan:
     reqs: list[_Req]
     steer: dict[int, list[tuple[object, object]]]  # layer -> [(LayerOps, slice | index)]
-    capture: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(rows, slots)]
+    # layer -> [(rows, slots)]; rows is a slice when the group's rows are contiguous and in
+    # order (a decode step where every request captures one row): no gather needed
+    capture: dict[int, list[tuple[slice | torch.Tensor, torch.Tensor]]]
     raw: dict[int, list[tuple[_Req, int, int]]]  # layer -> [(req, row0, row1)]
     fired: dict[int, int] = field(default_factory=dict)  # layer -> hook calls this step
 
@@ -80,6 +83,7 @@ class _State:
         self.by_uid: dict[str, _Req] = {}
         self.compiled: dict[str, CompiledOps] = {}
         self.acc: torch.Tensor | None = None  # (num_layers, capacity, hidden) fp32 sums
+        self.acc_layers: list[torch.Tensor] = []  # acc's per-layer views, made once
         self.free: list[int] = []
         self.plan: _Plan | None = None
         self.handles: list = []
@@ -130,6 +134,7 @@ class _State:
             if cap.raw:
                 req.raw_rows = {layer: [] for layer in req.cap_layers}
                 req.raw_positions = []
+        req.hook_layers = req.steer_layers.union(req.cap_layers)
         self.by_uid[req.uid] = req
         return req
 
@@ -142,6 +147,7 @@ class _State:
             if self.acc is not None:
                 acc[:, :old].copy_(self.acc)
             self.acc = acc
+            self.acc_layers = list(acc.unbind(0))
             self.free = list(range(cap - 1, old - 1, -1))
         slot = self.free.pop()
         self.acc[:, slot].zero_()
@@ -157,9 +163,13 @@ class _State:
         plan, self.plan = self.plan, None
         if plan is None:
             return
+        per_set: dict[frozenset[int], int] = {}  # requests share a few layer sets
         for req in plan.reqs:
-            layers = req.steer_layers.union(req.cap_layers)
-            req.hook_calls += sum(plan.fired.get(layer, 0) for layer in layers)
+            n = per_set.get(req.hook_layers)
+            if n is None:
+                n = per_set[req.hook_layers] = sum(plan.fired.get(layer, 0)
+                                                   for layer in req.hook_layers)
+            req.hook_calls += n
 
     def build_plan(self) -> None:
         self.finish_step()
@@ -226,7 +236,13 @@ class _State:
         for layers, (rows, slots) in cap_groups.items():
             if not rows:
                 continue
-            pair = (self._to_device(np.concatenate(rows)), self._to_device(np.concatenate(slots)))
+            rows = np.concatenate(rows)
+            n = len(rows)
+            if n and rows[-1] - rows[0] == n - 1 and (n == 1 or bool((np.diff(rows) == 1).all())):
+                where: slice | torch.Tensor = slice(int(rows[0]), int(rows[0]) + n)
+            else:
+                where = self._to_device(rows)
+            pair = (where, self._to_device(np.concatenate(slots)))
             for layer in layers:
                 capture.setdefault(layer, []).append(pair)
         return _Plan(reqs=[a[0] for a in active], steer=steer, capture=capture, raw=raw)
@@ -249,14 +265,21 @@ class _State:
                 raise TypeError(f"decoder layer {layer} ({type(self.layers[layer]).__name__}) "
                                 "did not return a (delta, residual) tuple")
             delta, residual = output
+            # Eager mode launches every op from the host: each one here costs throughput, so
+            # the common cases take the fewest (one add_ for add-only steering on a slice; no
+            # gathers for a capture of contiguous rows).
             for layer_ops, where in plan.steer.get(layer, ()):
                 if isinstance(where, slice):
-                    delta[where] = layer_ops.apply(delta[where], residual[where])
+                    layer_ops.apply_(delta[where], residual[where])
                 else:
                     delta.index_copy_(0, where, layer_ops.apply(delta[where], residual[where]))
             for rows, slots in plan.capture.get(layer, ()):
-                h = delta.index_select(0, rows).float().add_(residual.index_select(0, rows).float())
-                self.acc[layer].index_add_(0, slots, h)
+                if isinstance(rows, slice):
+                    # copy=True: for an fp32 model .float() would be delta itself
+                    h = delta[rows].to(torch.float32, copy=True).add_(residual[rows])
+                else:
+                    h = delta.index_select(0, rows).float().add_(residual.index_select(0, rows))
+                self.acc_layers[layer].index_add_(0, slots, h)
             for req, r0, r1 in plan.raw.get(layer, ()):
                 req.raw_rows[layer].append(delta[r0:r1].float() + residual[r0:r1].float())
         except Exception as exc:  # noqa: BLE001 - recorded and raised by the engine

@@ -68,6 +68,18 @@ class LayerOps:
             h = h + shift.unsqueeze(-1) * op.vec
         return (d32 + (h - h0)).to(delta.dtype)
 
+    def apply_(self, delta: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+        """:meth:`apply` written into ``delta`` (a view is fine: vLLM's rows of one request).
+
+        Add-only layers take one kernel: ``add_`` of the fp32 sum into a bf16/fp16 ``delta``
+        computes in fp32 and rounds once, exactly what :meth:`apply` returns; in eager mode
+        every op is a host-side launch, so four become one.
+        """
+        if self.add_sum is not None:
+            delta.add_(self.add_sum)
+        else:
+            delta.copy_(self.apply(delta, residual))
+
 
 def _vector(raw, *, device) -> torch.Tensor:
     if isinstance(raw, torch.Tensor):
@@ -143,4 +155,4 @@ def apply_rows(delta: torch.Tensor, residual: torch.Tensor, ops: LayerOps,
                start: int, end: int) -> None:
     """Steer rows ``[start, end)`` of a vLLM ``(num_tokens, hidden)`` delta in place: the one
     request those rows belong to. Slices are views, so nothing is copied besides the math."""
-    delta[start:end] = ops.apply(delta[start:end], residual[start:end])
+    ops.apply_(delta[start:end], residual[start:end])
