@@ -98,10 +98,9 @@ def wait_for(job_id: str, states=("succeeded", "failed", "cancelled"), *, timeou
 def check_artifacts(job_id: str, row: dict | None = None) -> dict:
     """Manifest present and last, every entry's checksum verifies against the store and the
     item rows, one artifact per persona with the shapes the manifest states."""
-    from app.artifacts import read_persona_artifact
+    from app.artifacts import job_prefix, read_persona_artifact
     from app.settings import get_settings
     from app.storage import get_store
-    from app.artifacts import job_prefix
 
     settings = get_settings()
     store = get_store(settings)

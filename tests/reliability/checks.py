@@ -45,9 +45,10 @@ class Figures:
 
 
 def job_state(job_id: str) -> dict:
+    from sqlalchemy import select
+
     from app.db import session_scope
     from app.models import Job, JobEvent, JobItem
-    from sqlalchemy import select
 
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -88,11 +89,12 @@ def wait_jobs(job_ids, *, timeout: float, until=None, logs=None) -> dict[str, di
 def verify_jobs(job_ids, *, scenario: str, expect: str = "succeeded",
                 failure_kind: str | None = None) -> Figures:
     """Check every job's final state against the store; return the table's figures."""
+    from sqlalchemy import select
+
     from app.db import session_scope
     from app.models import Artifact
     from app.settings import get_settings
     from app.storage import get_store
-    from sqlalchemy import select
 
     store = get_store(get_settings())
     fig = Figures(scenario=scenario, jobs=len(job_ids))
@@ -136,7 +138,7 @@ def verify_jobs(job_ids, *, scenario: str, expect: str = "succeeded",
                                     entries[item["persona"]])
             fig.personas_stored += stored
             fig.lost += 1 - stored
-        for key, n in art_rows.items():
+        for n in art_rows.values():
             fig.duplicates += n - 1
     return fig
 

@@ -56,11 +56,12 @@ class Stack:
     # -- processes ------------------------------------------------------------------------
     def start_api(self) -> None:
         port = free_port()
-        out = open(self.logs / "api.log", "ab")
-        self.api = subprocess.Popen(
-            [sys.executable, "-c", "from cli.main import main; main()", "api", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.logs / "api.log", "ab") as out:  # the child keeps its own copy
+            self.api = subprocess.Popen(
+                [sys.executable, "-c", "from cli.main import main; main()", "api", "--host",
+                 "127.0.0.1", "--port", str(port)],
+                cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
         self.api_url = f"http://127.0.0.1:{port}"
         self.http = httpx.Client(base_url=self.api_url, timeout=30,
                                  headers={"Authorization": f"Bearer {TOKEN}"})
@@ -83,9 +84,9 @@ class Stack:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update({k: str(v) for k, v in env.items()})
         try:
-            out = open(self.logs / f"{name}.log", "ab")
-            proc = spawn_worker(name=name, model=MODEL, dtype=DTYPE, stdout=out,
-                                stderr=subprocess.STDOUT)
+            with open(self.logs / f"{name}.log", "ab") as out:  # the child keeps its own copy
+                proc = spawn_worker(name=name, model=MODEL, dtype=DTYPE, stdout=out,
+                                    stderr=subprocess.STDOUT)
         finally:
             for k, v in saved.items():
                 if v is None:

@@ -97,10 +97,11 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_dir / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no"], stdout=out, stderr=subprocess.STDOUT)
+        with open(self.log_dir / "redis.log", "ab") as out:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--daemonize", "no"], stdout=out,
+                stderr=subprocess.STDOUT)
         wait_port(self.port, 30)
 
     def stop(self) -> None:
