@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.tp_check import assert_tp2_matches_tp1
+from tests.gpu.figures import record
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +33,7 @@ def test_tensor_parallel_matches_single_gpu(gpu_models_dir):
 
     worst = assert_tp2_matches_tp1(ensure_tiny_model("tiny:qwen3", Path(gpu_models_dir)),
                                    gpu_memory_utilization=0.3)
-    print(f"TP=2 vs TP=1 worst capture difference: {worst:.3g}")
+    record("tensor_parallel", model="tiny:qwen3", worst_capture_rel_err=worst, tol=1e-3)
 
 
 def test_two_pinned_workers_drain_one_queue(tmp_path, monkeypatch):
@@ -79,6 +80,9 @@ def test_two_pinned_workers_drain_one_queue(tmp_path, monkeypatch):
         per_item = {}
         for e in claims:
             per_item.setdefault(e.item_id, []).append(e.worker)
+        record("two_pinned_workers", jobs=len(job_ids), personas=len(items),
+               claims=len(claims), per_worker={w: sum(v == [w] for v in per_item.values())
+                                               for w in ("gpu-w0", "gpu-w1")})
         assert all(len(w) == 1 for w in per_item.values()), "a persona was claimed twice"
         assert set(per_item) == {i.id for i in items}
         assert {w[0] for w in per_item.values()} == {"gpu-w0", "gpu-w1"}, \

@@ -13,13 +13,12 @@ the eager reference: 1.6e-2 for tiny Qwen3, 2.5e-2 for the Qwen3-0.6B shape).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
 
 import pytest
 
+from tests.gpu.figures import record
 from workers.engine.hf import rel_err
 
 pytestmark = pytest.mark.gpu
@@ -38,15 +37,6 @@ def _model(name: str, dtype: str, root: str) -> Path:
     from workers.engine.tiny import ensure_tiny_model
 
     return ensure_tiny_model(f"tiny:{name}", Path(root))
-
-
-def _record(test: str, **figures) -> None:
-    """Append the measured figures to $CHATSPACE_TEST_GPU_OUT/gpu-figures.jsonl (the closing note's
-    numbers come from there, pass or fail)."""
-    out = os.environ.get("CHATSPACE_TEST_GPU_OUT")
-    if out:
-        with open(Path(out) / "gpu-figures.jsonl", "a") as f:
-            f.write(json.dumps({"test": test, **figures}) + "\n")
 
 
 def _sequences(n=8, vocab=500, seed=0):
@@ -82,7 +72,7 @@ def test_capture_parity(pair):
     for g, r in zip(got, ref):
         for span in ("prompt", "response", "last_prompt"):
             worst = max(worst, rel_err(g.means[span], r.means[span]))
-    _record("capture_parity", model=name, dtype=dtype, worst=worst, tol=TOL[dtype])
+    record("capture_parity", model=name, dtype=dtype, worst=worst, tol=TOL[dtype])
     assert worst < TOL[dtype], f"{name} {dtype}: worst relative error {worst:.3g}"
     # Control: another request's mean must be far outside the tolerance, so the metric can
     # tell wrong rows from kernel noise.
@@ -110,7 +100,7 @@ def test_mixed_batch_steering(pair):
     ref = hf.generate(seqs, opts, specs)
     plain = eng.generate(seqs, opts, [RequestSpec(capture=CaptureSpec(), key=f"p{i}")
                                       for i in range(len(seqs))])
-    _record("mixed_batch_steering", model=name, dtype=dtype, requests=[
+    record("mixed_batch_steering", model=name, dtype=dtype, requests=[
         {"op": ops[i].op if ops[i] else None, "tokens_match_hf": a.token_ids == b.token_ids,
          "prompt_rel_err": rel_err(a.capture.means["prompt"], b.capture.means["prompt"])}
         for i, (a, b) in enumerate(zip(got, ref))])
