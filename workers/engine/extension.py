@@ -271,6 +271,10 @@ class _State:
             for layer_ops, where in plan.steer.get(layer, ()):
                 if isinstance(where, slice):
                     layer_ops.apply_(delta[where], residual[where])
+                elif layer_ops.add_sum is not None:  # add-only: needs no residual
+                    rows = delta.index_select(0, where)
+                    layer_ops.apply_(rows)
+                    delta.index_copy_(0, where, rows)
                 else:
                     delta.index_copy_(0, where, layer_ops.apply(delta[where], residual[where]))
             for rows, slots in plan.capture.get(layer, ()):
