@@ -47,14 +47,15 @@ STEER = {
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_hook_routes_equal_the_ops_row_by_row(dtype):
-    # Six requests in batch order: "add" three times and "cap" twice, interleaved (gather
-    # route), then rows 0-1 of a two-request "add" run that is contiguous in step 2.
+    # Six requests in batch order, each capturing: "add" three times and "cap" twice,
+    # interleaved (the gather route) in the first two steps; in the third, two "add" requests
+    # are adjacent (the slice route).
     plan = ["add", "cap", "add", None, "cap", "add"]
     prompt_len = 4
-    requests, specs = {}, {}
+    requests, keys = {}, {}
     for i, key in enumerate(plan):
         spec = RequestSpec(capture=CaptureSpec(), key=f"r{i}")
-        specs[f"q{i}"] = (key, spec)
+        keys[f"q{i}"] = key
         wire = {"uid": f"u{i}", "spec": spec.to_wire(), "steer_key": key,
                 "prompt_len": prompt_len}
         requests[f"q{i}"] = SimpleNamespace(
@@ -67,8 +68,8 @@ def test_hook_routes_equal_the_ops_row_by_row(dtype):
     gen = torch.Generator().manual_seed(0)
     sums = {}  # (request, span) -> fp32 sum per layer, the reference
     steps = [  # (request ids in batch order, rows per request, first position)
-        (list(specs), [prompt_len] * 6, 0),                # prefill: every prompt row
-        (list(specs), [1] * 6, prompt_len),                # decode: one row each
+        (list(keys), [prompt_len] * 6, 0),                 # prefill: every prompt row
+        (list(keys), [1] * 6, prompt_len),                 # decode: one row each
         (["q0", "q5", "q1"], [1, 1, 1], prompt_len + 1),   # "add" rows adjacent: a slice
     ]
     for ids, counts, pos in steps:
@@ -82,7 +83,7 @@ def test_hook_routes_equal_the_ops_row_by_row(dtype):
             residual = (torch.randn(n, H, generator=gen) * 4).to(dtype)
             want = delta.clone()
             for rid, a, c in zip(ids, starts, counts):
-                key = specs[rid][0]
+                key = keys[rid]
                 ops = state.compiled[key].for_layer(layer) if key else None
                 if ops is not None:
                     want[a:a + c] = ops.apply(delta[a:a + c], residual[a:a + c])
@@ -100,7 +101,7 @@ def test_hook_routes_equal_the_ops_row_by_row(dtype):
                 torch.testing.assert_close(delta, want, rtol=1e-6, atol=1e-5)
         state.finish_step()
 
-    for rid in specs:
+    for rid in keys:
         req = state.by_uid[f"u{rid[1:]}"]
         assert req.errors == []
         got = state.collect(req)

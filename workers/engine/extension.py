@@ -236,10 +236,9 @@ class _State:
         for layers, (rows, slots) in cap_groups.items():
             if not rows:
                 continue
-            rows = np.concatenate(rows)
-            n = len(rows)
-            if n and rows[-1] - rows[0] == n - 1 and (n == 1 or bool((np.diff(rows) == 1).all())):
-                where: slice | torch.Tensor = slice(int(rows[0]), int(rows[0]) + n)
+            rows = np.concatenate(rows)  # never empty: spans without rows were skipped
+            if bool((np.diff(rows) == 1).all()):  # contiguous and in order
+                where: slice | torch.Tensor = slice(int(rows[0]), int(rows[-1]) + 1)
             else:
                 where = self._to_device(rows)
             pair = (where, self._to_device(np.concatenate(slots)))
