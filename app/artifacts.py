@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.errors import StorageError
+from app.modelinfo import model_slug
 
 
 def job_prefix(settings, *, model: str, dataset: str, dtype: str, job_id: str) -> str:
@@ -32,9 +33,15 @@ def job_prefix(settings, *, model: str, dataset: str, dtype: str, job_id: str) -
     (model '/' and ':' kept readable as '--' and '_' so the key stays one folder per model).
     Recorded on the job at submit, so the API and CLI can list a job's artifacts before its
     manifest exists, and used by the workers when they write them."""
-    slug = model.replace("/", "--").replace(":", "_")
-    return "/".join(p.strip("/") for p in (settings.artifacts_prefix, slug, dataset, dtype,
-                                            str(job_id)) if p)
+    return "/".join(p.strip("/") for p in (settings.artifacts_prefix, model_slug(model), dataset,
+                                            dtype, str(job_id)) if p)
+
+
+def recorded_prefix(job, settings) -> str:
+    """The artifact prefix recorded on the job at submit (what the API lists); computed from
+    ``settings`` only for a row written without one (jobs created below the submit path)."""
+    return job.artifact_prefix or job_prefix(settings, model=job.model, dataset=job.dataset,
+                                             dtype=job.dtype, job_id=str(job.id))
 
 SCHEMA = "chatspace.persona"
 SCHEMA_VERSION = 1

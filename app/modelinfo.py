@@ -22,11 +22,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobspec.tiny import TINY_HIDDEN, TINY_LAYERS, TINY_PREFIX
+
 log = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny:"
-TINY_LAYERS = 4
-TINY_HIDDEN = 128
 
 # Multimodal configs nest the language model's fields (Gemma 3, Llava-style checkpoints).
 _NESTED = ("text_config", "language_config", "llm_config")
@@ -41,6 +40,12 @@ class ModelInfo:
     def as_dict(self) -> dict:
         return {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
                 "source": self.source}
+
+
+def model_slug(model: str) -> str:
+    """A model name as one path segment: ``Qwen/Qwen3-32B`` -> ``Qwen--Qwen3-32B``,
+    ``tiny:qwen3`` -> ``tiny_qwen3`` (artifact keys, the models folder)."""
+    return model.replace("/", "--").replace(":", "_")
 
 
 def from_config(config: dict, *, source: str) -> ModelInfo | None:
@@ -92,7 +97,7 @@ def _config_candidates(model: str, settings) -> list[Path]:
         out.append(Path(model).expanduser() / "config.json")
     models_dir = getattr(settings, "models_dir", None) if settings is not None else None
     if models_dir is not None:
-        slug = model.replace("/", "--").replace(":", "_")
+        slug = model_slug(model)
         out += [Path(models_dir) / slug / "config.json", Path(models_dir) / model / "config.json"]
     if "/" in model and not model.startswith(("/", ".", "~")):
         repo = "models--" + model.replace("/", "--")

@@ -8,7 +8,8 @@ a worker must never receive an id it cannot read, and if the enqueue is lost, Po
 holds the queued job and the workers' reconciler sends it again.
 
 Shared by the API (``POST /jobs``) and the CLI's in-process mode, so both refuse the same
-inputs with the same messages.
+inputs with the same messages. The request is the one job spec (:mod:`app.spec`), which has
+checked the types; the rules here are about values (ranges, the dataset, the model's shape).
 """
 
 from __future__ import annotations
@@ -19,17 +20,15 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from app.api.schemas import JobSubmit
 from app.artifacts import job_prefix
 from app.datasets import DEFAULT_PERSONA
 from app.errors import DatasetInvalid, DatasetNotFound, SpecInvalid
 from app.modelinfo import ModelInfo, resolve
 from app.settings import DTYPES
+from app.spec import KINDS, OPS, JobSpec, SteerOpSpec, VectorRef
 
 log = logging.getLogger(__name__)
 
-KINDS = ("capture", "rollout")
-OPS = ("add", "cap", "ablate")
 MAX_SAMPLES = 1_000_000
 MAX_BATCH = 4096
 MAX_TOKENS = 131_072
@@ -38,8 +37,8 @@ MAX_SEED = 2**63 - 1
 MAX_SCALE = 1e6
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,199}$")
 VECTOR_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-OP_KEYS = {"op", "layer", "scale", "min", "max", "vector", "from"}
-FROM_KEYS = {"job_id", "vector", "layer", "persona"}
+OP_KEYS = {f.alias or name for name, f in SteerOpSpec.model_fields.items()}
+FROM_KEYS = set(VectorRef.model_fields)
 
 
 def _int_in(value, field: str, lo: int, hi: int, hint: str) -> int:
@@ -257,7 +256,7 @@ def _artifact_personas(session, job_id: str) -> set[str]:
     return {k.rsplit("/", 1)[-1].rsplit(".", 1)[0] for k in keys if k.endswith(".safetensors")}
 
 
-def validate(session, request: JobSubmit, *, settings) -> dict:
+def validate(session, request: JobSpec, *, settings) -> dict:
     """Every check; returns the job's columns. Raises SpecInvalid naming the field."""
     kind = request.kind
     if kind not in KINDS:
@@ -270,7 +269,7 @@ def validate(session, request: JobSubmit, *, settings) -> dict:
                           hint=f"one of {', '.join(DTYPES)}")
     dataset = check_dataset(request.dataset, settings)
     info = resolve(model, settings=settings, session=session)
-    raw = request.params.model_dump(exclude_none=True)
+    raw = request.params.given()
     params = check_params(raw, kind=kind, info=info)
     steer = raw.get("steer") or []
     if steer and kind != "rollout":
@@ -293,7 +292,7 @@ def validate(session, request: JobSubmit, *, settings) -> dict:
             "params": params, "personas": personas}
 
 
-def submit_job(session, *, request: JobSubmit, settings, enqueue: Callable[[str], None]):
+def submit_job(session, *, request: JobSpec, settings, enqueue: Callable[[str], None]):
     """Validate fully, commit the job, then ``enqueue(job_id)``. Returns the job row.
 
     An enqueue failure does not undo the job: it is committed and queued in Postgres, and the

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import click
 
-from cli.main import client, emit, json_option
+from app.settings import get_settings
+from app.spec import SteerOpSpec
+from cli import views
+from cli.client import ApiError, wiring
+from cli.common import client, emit, json_option
 
 
 @click.group(invoke_without_command=True)
@@ -29,8 +34,6 @@ def _looks_like_job(value: str) -> bool:
 @click.pass_context
 def artifacts_ls(ctx, target="", as_json=False):
     """List artifacts of a JOB id, or under a key PREFIX."""
-    from cli import views
-
     c = client(ctx)
     listing = (c.artifacts(job=target) if _looks_like_job(target)
                else c.artifacts(prefix=target))
@@ -68,8 +71,6 @@ def artifacts_url(ctx, key, expires_s, as_json):
 def workers(ctx, as_json):
     """Workers with heartbeat age, GPU, model and memory; release or reload one."""
     if ctx.invoked_subcommand is None:
-        from cli import views
-
         emit(client(ctx).workers(), as_json, views.workers_table)
 
 
@@ -112,8 +113,6 @@ def datasets():
 @click.pass_context
 def datasets_ls(ctx, as_json):
     """Datasets with persona and sample counts (invalid ones flagged)."""
-    from cli import views
-
     emit(client(ctx).datasets(), as_json, views.datasets_table)
 
 
@@ -121,8 +120,6 @@ def datasets_ls(ctx, as_json):
 @click.pass_context
 def ready(ctx):
     """Readiness of the API's database, broker and store (JSON); exit 1 when not ready."""
-    from cli.client import ApiError
-
     try:
         emit(client(ctx).ready(), True)
     except ApiError as exc:
@@ -143,7 +140,6 @@ def db():
 def db_upgrade(revision):
     """Apply migrations to the configured database (run before the API starts)."""
     from app.db import upgrade
-    from app.settings import get_settings
 
     settings = get_settings()
     upgrade(settings.db_url, revision)
@@ -159,8 +155,6 @@ def api(host, port):
     import uvicorn
 
     from app.api import create_app
-    from app.settings import get_settings
-    from cli.client import wiring
 
     logging.getLogger().setLevel(logging.INFO)
     settings = get_settings()
@@ -188,6 +182,26 @@ def worker(**kwargs):
     return run_worker(**kwargs)
 
 
+@click.command("steer-spec")
+@click.option("--schema", "as_schema", is_flag=True, help="print the JSON schema")
+def steer_spec(as_schema):
+    """What a steering op (a rollout's params.steer item) may hold: its fields, or with
+    --schema the JSON schema the API documents (one declaration: app/spec.py)."""
+    schema = SteerOpSpec.model_json_schema(by_alias=True)
+    if as_schema:
+        click.echo(json.dumps(schema, indent=2))
+        return 0
+    refs = schema.get("$defs", {})
+    for name, prop in schema["properties"].items():
+        ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a),
+                                       None)
+        req = "required" if name in schema.get("required", []) else "optional"
+        click.echo(f"{name:8} {req:9} {prop.get('description', '')}")
+        for sub, sp in (refs[ref.rsplit("/", 1)[-1]]["properties"].items() if ref else ()):
+            click.echo(f"  {name}.{sub:12} {sp.get('description', '')}")
+    return 0
+
+
 def register(cli: click.Group) -> None:
-    for command in (artifacts, workers, datasets, ready, db, api, worker):
+    for command in (artifacts, workers, datasets, ready, db, api, worker, steer_spec):
         cli.add_command(command)

@@ -11,85 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import threading
 import time
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.live import Live
 
-EXIT_USER, EXIT_FAILED, EXIT_CANCELLED, EXIT_UNAVAILABLE = 2, 3, 4, 1
-TERMINAL = ("succeeded", "failed", "cancelled")
-EXIT_FOR_STATE = {"succeeded": 0, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
-
-
-class CliGroup(click.Group):
-    """Turns every expected error into one line on stderr and an exit code (no traceback),
-    for the console script and for ``CliRunner`` alike."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **kw):
-        from pydantic import ValidationError
-
-        from app.errors import ChatspaceError
-        from cli.client import ApiError
-
-        try:
-            rv = super().main(args, prog_name or "chatspace-jobs", complete_var,
-                              standalone_mode=False, **kw)
-            code = rv if isinstance(rv, int) else 0
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
-            code = exc.exit_code
-        except click.Abort:
-            click.echo("aborted", err=True)
-            code = EXIT_UNAVAILABLE
-        except ApiError as exc:
-            click.echo(f"error: {exc}", err=True)
-            code = EXIT_USER if exc.user_error else EXIT_UNAVAILABLE
-        except ChatspaceError as exc:
-            click.echo(f"error: {exc}", err=True)
-            code = EXIT_USER if exc.http_status < 500 else EXIT_UNAVAILABLE
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            click.echo(f"error: {where}: {first['msg']}", err=True)
-            code = EXIT_USER
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
-def _settings():
-    from app.settings import get_settings
-
-    return get_settings()
-
-
-def client(ctx: click.Context):
-    """The API client for this invocation (HTTP when an API URL is set, else in-process)."""
-    obj = ctx.find_root().obj
-    if obj.get("client") is None:
-        from cli import client as c
-
-        settings = _settings()
-        url = obj.get("api_url") or settings.api_url
-        if url:
-            token = settings.api_token.get_secret_value() if settings.api_token else None
-            obj["client"] = c.http_client(url, token)
-        else:
-            obj["client"] = c.in_process_client(settings)
-    return obj["client"]
-
-
-def emit(data, as_json: bool, render=None) -> None:
-    if as_json or render is None:
-        click.echo(json.dumps(data, indent=2, default=str))
-        return
-    from rich.console import Console
-
-    Console().print(render(data))
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
+from app.queues import ANY_QUEUE, queue_name
+from app.spec import KINDS
+from cli import views
+from cli.commands import register
+from cli.common import (
+    EXIT_FOR_STATE,
+    TERMINAL,
+    CliGroup,
+    client,
+    emit,
+    json_option,
+)
 
 
 @click.group(cls=CliGroup)
@@ -134,7 +75,7 @@ def _steer(path: str | None):
 
 @cli.command()
 @click.argument("dataset")
-@click.option("--kind", type=click.Choice(["capture", "rollout"]), default="capture")
+@click.option("--kind", type=click.Choice(KINDS), default="capture")
 @click.option("--model", default=None, help="default: settings.default_model")
 @click.option("--dtype", default=None, help="bfloat16 | float16 | float32")
 @click.option("--layers", default=None, help="10,20,30 or all (default all)")
@@ -172,15 +113,11 @@ def _needs_local_worker(c, job: dict) -> bool:
     """In-process mode with no live worker able to take the job: nothing else would run it."""
     if c.where != "in-process":
         return False
-    from app.queues import ANY_QUEUE, queue_name
-
     wanted = {queue_name(job["model"], job["dtype"]), ANY_QUEUE}
     return not any(w.get("alive") and wanted & set(w.get("queues") or []) for w in c.workers())
 
 
 def _start_local_worker(job_id: str):
-    import threading
-
     from workers.cli import run_local_until_idle
 
     thread = threading.Thread(target=run_local_until_idle, args=(job_id,), daemon=True,
@@ -191,11 +128,6 @@ def _start_local_worker(job_id: str):
 
 def _watch(ctx, c, job_id: str, *, as_json: bool, start_local: bool = False,
            interval: float = 1.0) -> int:
-    from rich.console import Console
-    from rich.live import Live
-
-    from cli import views
-
     job = c.job(job_id)
     if start_local and job["state"] not in TERMINAL and _needs_local_worker(c, job):
         click.echo("no live worker serves this model; starting a local one", err=True)
@@ -223,8 +155,6 @@ def _watch(ctx, c, job_id: str, *, as_json: bool, start_local: bool = False,
 @click.pass_context
 def status(ctx, job_id, watch, as_json):
     """One job in detail, or the queued and running jobs."""
-    from cli import views
-
     c = client(ctx)
     if job_id:
         if watch:
@@ -238,8 +168,6 @@ def status(ctx, job_id, watch, as_json):
     if not watch:
         emit(active(), as_json, views.progress_view)
         return 0
-    from rich.live import Live
-
     jobs = active()
     with Live(views.progress_view(jobs), refresh_per_second=2) as live:
         while jobs:
@@ -259,8 +187,6 @@ def status(ctx, job_id, watch, as_json):
 @click.pass_context
 def list_(ctx, state, kind, dataset, model, limit, as_json):
     """Recent jobs, newest first."""
-    from cli import views
-
     emit(client(ctx).jobs(state=state, kind=kind, dataset=dataset, model=model, limit=limit),
          as_json, views.jobs_table)
 
@@ -271,8 +197,6 @@ def list_(ctx, state, kind, dataset, model, limit, as_json):
 @click.pass_context
 def events(ctx, job_id, as_json):
     """A job's history: state changes, OOM retries, engine restarts."""
-    from cli import views
-
     emit(client(ctx).events(job_id), as_json, views.events_table)
 
 
@@ -295,8 +219,6 @@ def retry(ctx, job_id, as_json):
     job = client(ctx).retry(job_id)
     emit(job, True) if as_json else click.echo(f"{job['id']} {job['state']}")
 
-
-from cli.commands import register
 
 register(cli)
 

@@ -4,6 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# The import contracts in pyproject.toml ([tool.importlinter]): a broken one fails the run.
+.venv/bin/lint-imports --no-cache || { echo "import contracts broken (lint-imports)" >&2; exit 1; }
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -1,72 +1,76 @@
-"""The Celery app, configured from :class:`app.settings.Settings` for long GPU jobs.
+"""The worker's Celery wiring, and only that: the job task, the start/stop signals, the
+remote-control commands. ``celery -A workers.celery_app worker`` finds the app through the
+module attribute ``app``.
 
-- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job's message is acknowledged only
-  when its task returns, so a worker killed mid-job leaves the message to be re-delivered.
-- ``worker_prefetch_multiplier=1``: a worker holds at most the message it runs; a second job
-  waits in the queue for a free GPU instead of behind a busy one.
-- A Redis ``visibility_timeout`` longer than the longest job: otherwise Redis re-delivers a
-  running job's message to another worker. Even then a re-delivered task must not run an
-  item twice, which is what the Postgres leases with their attempt counter guarantee.
-- Routing: one queue per (model, dtype) (:func:`app.queues.queue_name`), chosen when a job is
-  enqueued (:mod:`workers.dispatch`); tasks carry a job id only, never objects.
-
-The app is built lazily from the current settings (tests change the environment between
-runs); ``celery -A workers.celery_app worker`` finds it through the module attribute ``app``.
+The app itself (its configuration, sending) is :mod:`workers.broker`; what a worker process
+does around its tasks is :mod:`workers.lifecycle`; the job loop is :mod:`workers.jobloop`.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import logging
 
-from celery import Celery
+from celery import Celery, signals
+from celery.worker.control import control_command
 
-from app.queues import queue_name
-from app.settings import Settings, get_settings
+from workers import broker, lifecycle, remote
+from workers.config import RUN_JOB
 
-RUN_JOB = "chatspace.run_job"
+log = logging.getLogger(__name__)
+
+_wired: set[int] = set()
 
 
-def make_app(settings: Settings | None = None) -> Celery:
-    """A Celery app for these settings, with the job task registered."""
-    settings = settings or get_settings()
-    transport_options = dict(settings.broker_transport_options())
-    if settings.broker.startswith(("redis://", "rediss://")):
-        transport_options["visibility_timeout"] = settings.broker_visibility_timeout_s
-    celery = Celery("chatspace", broker=settings.broker, set_as_current=False)
-    celery.conf.update(
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,  # failures are recorded in Postgres, not re-run
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,  # results live in Postgres and the artifact store
-        result_backend=None,
-        task_serializer="json",
-        accept_content=["json"],
-        task_default_queue=queue_name(settings.default_model, settings.default_dtype),
-        task_create_missing_queues=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        worker_enable_remote_control=True,
-        broker_heartbeat=0,
-    )
-    from workers import lifecycle, tasks
+def wire(celery: Celery) -> Celery:
+    """Declare the job task on ``celery`` (once per app)."""
+    if id(celery) in _wired:
+        return celery
 
-    tasks.register(celery)
-    lifecycle.connect_signals()
+    @celery.task(name=RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
+                 ignore_result=True)
+    def run_job(self, job_id: str) -> dict:
+        """Run a job's items on this worker: ids in, states out (the loop is jobloop's)."""
+        worker = lifecycle.current_worker()
+        if worker is None:  # not started through the worker_init signal: set up in-process
+            worker = lifecycle.start_worker_services()
+        return worker.run_job(str(job_id))
+
+    _wired.add(id(celery))
     return celery
 
 
-@lru_cache(maxsize=4)
-def _cached(key: str) -> Celery:
-    return make_app()
-
-
 def get_app() -> Celery:
-    """The app for the current settings (cached per broker configuration)."""
-    s = get_settings()
-    return _cached(f"{s.broker}|{s.data_dir}")
+    """The broker's app for the current settings, with the job task declared."""
+    return wire(broker.get_app())
+
+
+def _on_init(**_):
+    logging.basicConfig(level=logging.INFO)
+    try:
+        lifecycle.start_worker_services()
+    except Exception:
+        # Celery only logs a failing signal receiver; a worker that cannot reach its
+        # database or load its engine must not sit on the queue taking jobs.
+        log.exception("worker start-up failed; exiting")
+        raise SystemExit(1) from None
+
+
+def _on_shutdown(**_):
+    lifecycle.stop_worker_services()
+
+
+signals.worker_init.connect(_on_init, weak=False, dispatch_uid="chatspace-worker-init")
+signals.worker_shutdown.connect(_on_shutdown, weak=False, dispatch_uid="chatspace-worker-stop")
+
+
+@control_command(name="chatspace_release")
+def _release_command(state) -> dict:
+    return remote.handle("release", lifecycle.current_runtime())
+
+
+@control_command(name="chatspace_reload")
+def _reload_command(state) -> dict:
+    return remote.handle("reload", lifecycle.current_runtime())
 
 
 def __getattr__(name: str):

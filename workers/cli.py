@@ -24,29 +24,17 @@ import sys
 import time
 from pathlib import Path
 
-from app.queues import ANY_QUEUE, queue_name
+from app.db import session_scope
+from app.models import Job
+from app.queues import worker_queues
 from app.settings import get_settings
 from workers import gpu
+from workers.config import WorkerEnv, nodename
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV_MODEL = "CHATSPACE_WORKER_MODEL"
-ENV_DTYPE = "CHATSPACE_WORKER_DTYPE"
-ENV_GPU = "CHATSPACE_WORKER_GPU"
-ENV_MAX_JOBS = "CHATSPACE_WORKER_MAX_JOBS"
-ENV_EXIT_WHEN_IDLE = "CHATSPACE_WORKER_EXIT_WHEN_IDLE"
-ENV_QUEUES = "CHATSPACE_WORKER_QUEUES"
-
-
-def worker_queues(model: str | None, dtype: str | None, queues: list[str] | None = None) -> list[str]:
-    """The queues a worker consumes: its (model, dtype) pool, or the any-model queue."""
-    out = list(queues or [])
-    if model:
-        out.append(queue_name(model, dtype or get_settings().default_dtype))
-    else:
-        out.append(ANY_QUEUE)
-    return list(dict.fromkeys(out))
+__all__ = ["run_local_until_idle", "run_worker", "spawn_worker", "worker_queues"]
 
 
 def _split(value) -> list[str] | None:
@@ -59,8 +47,6 @@ def _split(value) -> list[str] | None:
 
 def worker_command(*, name: str, queues: list[str], loglevel: str = "INFO") -> list[str]:
     """The ``celery worker`` command line for one pinned worker process."""
-    from workers.control import nodename
-
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             "--pool=solo", "--concurrency=1", "-Q", ",".join(queues), "-n", nodename(name),
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
@@ -69,13 +55,9 @@ def worker_command(*, name: str, queues: list[str], loglevel: str = "INFO") -> l
 def worker_env(*, name: str, gpu_index: str | None, model: str | None, dtype: str | None,
                queues: list[str], max_jobs: int | None, exit_when_idle: bool) -> dict:
     env = gpu.pinned_env(gpu_index)
-    env[gpu.WORKER_ENV] = name
-    env[ENV_GPU] = "" if gpu_index is None else str(gpu_index)
-    env[ENV_MODEL] = model or ""
-    env[ENV_DTYPE] = dtype or ""
-    env[ENV_QUEUES] = ",".join(queues)
-    env[ENV_MAX_JOBS] = "" if not max_jobs else str(int(max_jobs))
-    env[ENV_EXIT_WHEN_IDLE] = "1" if exit_when_idle else ""
+    env.update(WorkerEnv(name=name, gpu="" if gpu_index is None else str(gpu_index),
+                         model=model, dtype=dtype, queues=queues, max_jobs=max_jobs,
+                         exit_when_idle=exit_when_idle).to_env())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -140,9 +122,6 @@ def run_local_until_idle(job_id: str | None = None, *, timeout_s: float | None =
     settings = get_settings()
     model, dtype = settings.default_model, settings.default_dtype
     if job_id is not None:
-        from app.db import session_scope
-        from app.models import Job
-
         with session_scope() as s:
             job = s.get(Job, job_id)
             if job is None:

@@ -16,14 +16,18 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import exists, select
+
+from app import jobs
+from app.db import session_scope
+from app.models import Job, JobEvent, JobItem, Worker, utcnow
 from app.queues import ANY_QUEUE, queue_name
 from app.settings import get_settings
+from app.storage import get_store
+from workers import broker
+from workers.manifest import finish
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -33,11 +37,7 @@ def _aware(ts: datetime | None) -> datetime | None:
 
 
 def live_workers(session) -> list:
-    from sqlalchemy import select
-
-    from app.models import Worker
-
-    cutoff = _now() - timedelta(seconds=get_settings().worker_stale_s)
+    cutoff = utcnow() - timedelta(seconds=get_settings().worker_stale_s)
     return [w for w in session.execute(select(Worker)).scalars()
             if w.state != "stopped" and _aware(w.last_heartbeat) and _aware(w.last_heartbeat) >= cutoff]
 
@@ -56,11 +56,6 @@ def choose_queue(session, *, model: str, dtype: str) -> tuple[str, bool]:
 
 def enqueue_job(job_id, *, reason: str = "submitted") -> str:
     """Send the job's task to its queue (call after the job's row is committed)."""
-    from app import jobs
-    from app.db import session_scope
-    from app.models import Job
-    from workers.celery_app import RUN_JOB, get_app
-
     job_id = str(job_id)
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -68,7 +63,7 @@ def enqueue_job(job_id, *, reason: str = "submitted") -> str:
             raise ValueError(f"job_id: no job {job_id!r}; commit it before enqueueing")
         queue, served = choose_queue(s, model=job.model, dtype=job.dtype)
         model, dtype = job.model, job.dtype
-    get_app().send_task(RUN_JOB, args=[job_id], queue=queue)
+    broker.send_job(job_id, queue=queue)
     with session_scope() as s:
         jobs.record_event(s, job_id=job_id, kind="enqueued", data={"queue": queue,
                                                                     "reason": reason})
@@ -83,11 +78,6 @@ def enqueue_job(job_id, *, reason: str = "submitted") -> str:
 
 def pending_jobs(*, model: str | None, dtype: str | None) -> list[str]:
     """Ids of queued/running jobs a worker of (model, dtype) could serve (None = any)."""
-    from sqlalchemy import select
-
-    from app.db import session_scope
-    from app.models import Job
-
     with session_scope() as s:
         q = select(Job.id).where(Job.state.in_(("queued", "running")))
         if model:
@@ -99,12 +89,6 @@ def pending_jobs(*, model: str | None, dtype: str | None) -> list[str]:
 
 def reconcile() -> list[str]:
     """Re-enqueue jobs with claimable items that no live worker holds. Returns their ids."""
-    from sqlalchemy import select
-
-    from app import jobs
-    from app.db import session_scope
-    from app.models import JobEvent
-
     resent = []
     with session_scope() as s:
         candidates = [str(j) for j in jobs.jobs_needing_dispatch(s)]
@@ -116,7 +100,7 @@ def reconcile() -> list[str]:
                 ts = _aware(ts)
                 if str(jid) not in recent or ts > recent[str(jid)]:
                     recent[str(jid)] = ts
-    cutoff = _now() - timedelta(seconds=get_settings().worker_stale_s)
+    cutoff = utcnow() - timedelta(seconds=get_settings().worker_stale_s)
     for job_id in candidates:
         if recent.get(job_id) and recent[job_id] > cutoff:
             continue
@@ -135,13 +119,6 @@ def finish_stranded() -> list[str]:
     A worker whose last step (manifest + finish) failed — Postgres restarting at that moment,
     say — leaves such a job with nothing to claim, so re-enqueueing would never finish it.
     """
-    from sqlalchemy import exists, select
-
-    from app.db import session_scope
-    from app.models import Job, JobItem
-    from app.storage import get_store
-    from workers.tasks import finish
-
     with session_scope() as s:
         open_items = exists(select(JobItem.id).where(
             JobItem.job_id == Job.id, JobItem.state.in_(("queued", "running"))))

@@ -17,9 +17,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from workers.config import WORKER_ENV
+
 log = logging.getLogger(__name__)
 
-WORKER_ENV = "CHATSPACE_WORKER_NAME"  # inherited by the engine processes a worker starts
 ENGINE_PROC_MARKERS = ("VLLM::EngineCore", "VLLM::Worker", "EngineCore")
 
 

@@ -1,7 +1,7 @@
 """What a worker process does around its tasks: start-up, heartbeats, reaper, idle exit.
 
-Wired to Celery signals when :mod:`workers.celery_app` builds the app, so both
-``chatspace-jobs worker`` and a bare ``celery -A workers.celery_app worker`` get it:
+Wired to Celery signals by :mod:`workers.celery_app` (this module imports no Celery), so
+both ``chatspace-jobs worker`` and a bare ``celery -A workers.celery_app worker`` get it:
 
 - at start: end the engine processes a killed predecessor with the same name left on this
   GPU, read the GPU memory baseline, load the engine when the worker serves one model (warm
@@ -21,8 +21,17 @@ import signal
 import socket
 import threading
 
+import psutil
+
+from app import jobs
+from app.db import session_scope
+from app.models import Worker
+from app.queues import worker_queues
 from app.settings import get_settings
-from workers import gpu
+from workers import dispatch, gpu, remote
+from workers.config import WORKER_ENV, WorkerEnv
+from workers.jobloop import execute_job
+from workers.runtime import EngineRuntime
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +50,6 @@ class WorkerServices:
     def __init__(self, *, name: str, gpu_index: str | None, model: str | None,
                  dtype: str | None, queues: list[str], max_jobs: int | None,
                  exit_when_idle: bool):
-        from workers.runtime import EngineRuntime
-
         self.settings = get_settings()
         self.name = name
         self.model, self.dtype = model, dtype
@@ -83,10 +90,6 @@ class WorkerServices:
     def release_previous_items(self) -> list[str]:
         """Give back items a killed process of this worker's name still holds, before the
         first heartbeat would extend their leases, and send their jobs again."""
-        from app import jobs
-        from app.db import session_scope
-        from workers import dispatch
-
         with session_scope() as s:
             if self._namesake_alive(s):
                 return []
@@ -100,17 +103,13 @@ class WorkerServices:
     def _namesake_alive(self, session) -> bool:
         """Another live worker process on this host already runs under this name (two
         ``--wait`` sessions on one data directory): its items are not ours to release."""
-        import psutil
-
-        from app.models import Worker
-
         row = session.get(Worker, self.name)
         if row is None or row.pid in (None, os.getpid()) or row.hostname != socket.gethostname():
             return False
         try:
             proc = psutil.Process(row.pid)
             alive = (proc.status() != psutil.STATUS_ZOMBIE
-                     and proc.environ().get(gpu.WORKER_ENV) == self.name)
+                     and proc.environ().get(WORKER_ENV) == self.name)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
         if alive:
@@ -137,15 +136,12 @@ class WorkerServices:
 
     # -- jobs -----------------------------------------------------------------------------
     def run_job(self, job_id: str) -> dict:
-        from workers import control
-        from workers.tasks import execute_job
-
         try:
             return execute_job(job_id, worker=self)
         finally:
             self.current_job = None
             self.jobs_done += 1
-            control.apply_pending(self.runtime)
+            remote.apply_pending(self.runtime)
             self.heartbeat()
             if self.max_jobs and self.jobs_done >= self.max_jobs:
                 log.info("worker %s: ran %d jobs (max_jobs); exiting", self.name, self.jobs_done)
@@ -160,9 +156,6 @@ class WorkerServices:
 
     # -- periodic -------------------------------------------------------------------------
     def heartbeat(self, state: str | None = None) -> None:
-        from app import jobs
-        from app.db import session_scope
-
         with session_scope() as s:
             jobs.upsert_worker(
                 s, name=self.name, state=state or self.runtime.state, host=socket.gethostname(),
@@ -174,48 +167,37 @@ class WorkerServices:
                 jobs.extend_leases(s, worker=self.name, lease_s=self.settings.lease_s)
 
     def reap(self) -> None:
-        from app import jobs
-        from app.db import session_scope
-        from workers import dispatch
-
         with session_scope() as s:
             jobs.reap_dead_workers(s, stale_s=self.settings.worker_stale_s)
             jobs.reap_expired(s)
         dispatch.reconcile()
 
     def _exit_if_idle(self) -> None:
-        from workers.dispatch import pending_jobs
-
         if self.runtime.state != "idle" or self.current_job:
             return
-        if not pending_jobs(model=self.model, dtype=self.dtype):
+        if not dispatch.pending_jobs(model=self.model, dtype=self.dtype):
             log.info("worker %s: no work left; exiting (exit_when_idle)", self.name)
             self._stop.set()
             os.kill(os.getpid(), signal.SIGTERM)
 
 
 def start_worker_services(*, preload: bool = True) -> WorkerServices:
-    """Build and start this process's services from the CHATSPACE_WORKER_* environment."""
+    """Build and start this process's services from the ``CHATSPACE_WORKER_*`` environment
+    (:class:`workers.config.WorkerEnv`)."""
     global _current
-    from workers import cli
-
     if _current is not None:
         return _current
-    env = os.environ
-    gpu_env = env.get(cli.ENV_GPU)
+    env = WorkerEnv()
+    gpu_env = env.gpu
     if gpu_env is None:
         visible = gpu.visible_gpus()
         gpu_env = visible[0] if visible else ""
-    name = env.get(gpu.WORKER_ENV) or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
-    os.environ[gpu.WORKER_ENV] = name  # inherited by the engine processes we start
-    model = env.get(cli.ENV_MODEL) or None
-    dtype = env.get(cli.ENV_DTYPE) or None
-    queues = [q for q in env.get(cli.ENV_QUEUES, "").split(",") if q] or \
-        cli.worker_queues(model, dtype)
-    max_jobs = int(env[cli.ENV_MAX_JOBS]) if env.get(cli.ENV_MAX_JOBS) else None
-    services = WorkerServices(name=name, gpu_index=gpu_env or None, model=model, dtype=dtype,
-                              queues=queues, max_jobs=max_jobs,
-                              exit_when_idle=bool(env.get(cli.ENV_EXIT_WHEN_IDLE)))
+    name = env.name or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    os.environ[WORKER_ENV] = name  # inherited by the engine processes we start
+    queues = env.queues or worker_queues(env.model, env.dtype)
+    services = WorkerServices(name=name, gpu_index=gpu_env or None, model=env.model,
+                              dtype=env.dtype, queues=queues, max_jobs=env.max_jobs,
+                              exit_when_idle=env.exit_when_idle)
     _current = services  # visible to remote control while the engine preloads
     try:
         services.start(preload=preload)
@@ -226,25 +208,6 @@ def start_worker_services(*, preload: bool = True) -> WorkerServices:
     return services
 
 
-def connect_signals() -> None:
-    """Hook start/stop into the Celery worker (idempotent; dispatch_uid dedups)."""
-    from celery import signals
-
-    def on_init(**_):
-        logging.basicConfig(level=logging.INFO)
-        from workers import control  # noqa: F401 - registers the remote-control commands
-
-        try:
-            start_worker_services()
-        except Exception:
-            # Celery only logs a failing signal receiver; a worker that cannot reach its
-            # database or load its engine must not sit on the queue taking jobs.
-            log.exception("worker start-up failed; exiting")
-            raise SystemExit(1) from None
-
-    def on_shutdown(**_):
-        if _current is not None:
-            _current.stop()
-
-    signals.worker_init.connect(on_init, weak=False, dispatch_uid="chatspace-worker-init")
-    signals.worker_shutdown.connect(on_shutdown, weak=False, dispatch_uid="chatspace-worker-stop")
+def stop_worker_services() -> None:
+    if _current is not None:
+        _current.stop()

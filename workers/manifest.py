@@ -1,5 +1,8 @@
 """The job manifest: written once every item is done, before the job may succeed.
 
+:func:`finish` is the one way a job ends well, used by the job loop and by the reconciler
+for jobs whose last worker died between its last item and the manifest.
+
 It lists every artifact of the job (key, size, sha256 filled and checked by the store,
 shapes and dtype from the item's recorded info), the model, dtype, dataset, params, the
 vLLM and code versions. Built from Postgres rows only, so two workers finishing at the
@@ -9,6 +12,13 @@ same moment write the same content.
 from __future__ import annotations
 
 from importlib import metadata as importlib_metadata
+
+from sqlalchemy import select
+
+from app import jobs
+from app.artifacts import recorded_prefix
+from app.db import session_scope
+from app.models import Artifact, Job, JobItem
 
 
 def _version(dist: str) -> str | None:
@@ -26,11 +36,6 @@ def versions() -> dict:
 
 def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None:
     """(prefix, manifest) when every item of the job is done, else None."""
-    from sqlalchemy import select
-
-    from app.artifacts import job_prefix
-    from app.models import Artifact, Job, JobItem
-
     job = session.get(Job, job_id)
     items = session.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
     if job is None or not items or any(i.state != "succeeded" for i in items):
@@ -48,8 +53,19 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
         for extra in info.get("extra") or []:
             entries.append({"key": extra["key"], "sha256": extra["sha256"],
                             "persona": item.persona, "kind": extra["key"].rsplit(".", 1)[-1]})
-    prefix = job_prefix(settings, model=job.model, dataset=job.dataset, dtype=job.dtype,
-                        job_id=str(job.id))
+    prefix = recorded_prefix(job, settings)
     return prefix, {"job_id": str(job.id), "kind": job.kind, "model": job.model,
                     "dtype": job.dtype, "dataset": job.dataset, "params": job.params,
                     "versions": versions(), "artifacts": entries}
+
+
+def finish(job_id: str, *, settings, store):
+    """When every item is done: write the manifest, THEN mark the job succeeded."""
+    with session_scope() as s:
+        manifest = build_manifest(s, job_id=job_id, settings=settings)
+    manifest_key = None
+    if manifest is not None:
+        prefix, body = manifest
+        manifest_key = store.write_manifest(prefix, body, overwrite=True).key
+    with session_scope() as s:
+        return jobs.finish_job_if_done(s, job_id=job_id, manifest_key=manifest_key)

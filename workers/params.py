@@ -1,39 +1,39 @@
-"""A job's params as the pipeline reads them, and steering specs resolved to engine ops.
+"""A job's params as the worker reads them, and steering ops resolved to engine ops.
 
-Params (all optional): ``layers`` (list, default all), ``max_samples`` (per persona),
-``batch_size`` (default 16), ``max_tokens`` (default 64), ``temperature`` (default 0),
-``top_p``, ``seed``, ``steer`` (rollout: list of ops) and ``capture`` (rollout: also store
-activations). A steering op is ``{"op": "add"|"cap"|"ablate", "layer": L, "scale": s,
-"min": ..., "max": ...}`` plus either ``"vector": [floats]`` or ``"from": {"job_id": J,
-"vector": "pos_neg", "layer": L2 (default L), "persona": P (default: the item's persona)}``
-taking the vector from an earlier capture job's artifact.
+The params are the one job spec (:class:`app.spec.JobParams`: fields, types, defaults); this
+module only reads a stored row into it (defaults filled in) and turns the steering ops into
+the engine's own ``SteerOp`` dataclasses, resolving a ``from`` reference (a vector an
+earlier capture job derived) through ``load_vector``. That conversion is the boundary the
+engine's validation sits behind: the engine imports nothing of ``app/``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+
+from pydantic import ConfigDict, ValidationError
 
 from app.errors import SpecInvalid
+from app.spec import JobParams as JobSpecParams
+from app.spec import SteerOpSpec
+from workers.engine.spec import RequestSpec, SamplingOptions, SpecError, SteerOp, validate_spec
 
 
-@dataclass
-class JobParams:
-    layers: list[int] | None = None
-    max_samples: int | None = None
-    batch_size: int = 16
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    steer: list[dict] = field(default_factory=list)
-    capture: bool = False
+class JobParams(JobSpecParams):
+    """The job spec's params with every default filled in, as the pipeline reads them."""
+
+    # a stored row may carry keys of another version of the spec: ignored, not refused
+    model_config = ConfigDict(extra="ignore")
 
     @classmethod
     def from_dict(cls, params: dict | None) -> JobParams:
-        p = dict(params or {})
-        known = {f for f in cls.__dataclass_fields__}
-        out = cls(**{k: v for k, v in p.items() if k in known and v is not None})
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            out = cls.model_validate(given)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+            raise SpecInvalid(first["msg"], field=f"params{where}") from None
         if out.batch_size < 1:
             raise SpecInvalid("must be at least 1", field="params.batch_size")
         if out.max_tokens < 1:
@@ -44,46 +44,42 @@ class JobParams:
         return out
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Every param with its value in effect (recorded with the artifacts)."""
+        return self.model_dump(by_alias=True)
 
     def sampling_dict(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "seed": self.seed}
 
-    def sampling(self):
-        from workers.engine.spec import SamplingOptions
-
+    def sampling(self) -> SamplingOptions:
         return SamplingOptions(**self.sampling_dict())
 
 
-def resolve_steering(ops: list[dict], *, persona: str, num_layers: int, hidden_size: int,
+def resolve_steering(ops: list[SteerOpSpec] | None, *, persona: str, num_layers: int,
+                     hidden_size: int,
                      load_vector: Callable[[str, str, str, int], list[float]] | None = None):
     """SteerOps for the engine, and the spec as recorded with each response (vectors from
     artifacts recorded by reference, inline vectors by their norm, to keep lines small)."""
-    from workers.engine.spec import RequestSpec, SpecError, SteerOp, validate_spec
-
     resolved, wire = [], []
-    for i, raw in enumerate(ops or []):
+    for i, op in enumerate(ops or []):
         where = f"params.steer[{i}]"
-        if not isinstance(raw, dict) or "op" not in raw or "layer" not in raw:
-            raise SpecInvalid("needs 'op' and 'layer'", field=where)
-        source = raw.get("from")
+        if isinstance(op, dict):
+            op = SteerOpSpec.model_validate(op)
+        record = op.model_dump(by_alias=True, exclude_unset=True, exclude={"vector"})
+        source = op.from_
         if source is not None:
-            if load_vector is None or "job_id" not in source or "vector" not in source:
-                raise SpecInvalid("'from' needs job_id and vector", field=f"{where}.from")
-            vector = load_vector(str(source["job_id"]), source.get("persona") or persona,
-                                 str(source["vector"]), int(source.get("layer", raw["layer"])))
-            record = {k: v for k, v in raw.items() if k != "vector"}
-        elif "vector" in raw:
-            vector = raw["vector"]
-            record = {k: v for k, v in raw.items() if k != "vector"}
+            if load_vector is None:
+                raise SpecInvalid("'from' needs a capture job's artifacts", field=f"{where}.from")
+            layer = source.layer if source.layer is not None else op.layer
+            vector = load_vector(source.job_id, source.persona or persona, source.vector, layer)
+        elif op.vector is not None:
+            vector = op.vector
             record["vector_norm"] = float(sum(float(x) ** 2 for x in vector) ** 0.5)
         else:
             raise SpecInvalid("give 'vector' (floats) or 'from' (a capture job's artifact)",
                               field=where)
-        resolved.append(SteerOp(op=raw["op"], layer=int(raw["layer"]), vector=vector,
-                                scale=float(raw.get("scale", 1.0)), min=raw.get("min"),
-                                max=raw.get("max")))
+        resolved.append(SteerOp(op=op.op, layer=op.layer, vector=vector, scale=op.scale,
+                                min=op.min, max=op.max))
         wire.append(record)
     try:
         validate_spec(RequestSpec(steer=tuple(resolved)), num_layers=num_layers,

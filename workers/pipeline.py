@@ -22,9 +22,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.artifacts import job_prefix
+import numpy as np
+
+from app.artifacts import build_persona_artifact, job_prefix, read_persona_artifact, to_pt
+from app.datasets import load_dataset, load_scores
 from app.errors import SpecInvalid
+from app.prompts import build_prompt, default_template_kwargs
+from app.vectors import derive_vectors
 from workers.batching import BatchPolicy, JobCancelled
+from workers.engine.protocol import Engine
+from workers.engine.spec import CaptureSpec, RequestSpec, Span
 from workers.params import JobParams, resolve_steering
 
 log = logging.getLogger(__name__)
@@ -46,9 +53,10 @@ class ItemContext:
     model: str
     dtype: str
     params: JobParams
-    engine: object
+    engine: Engine
     store: object
     settings: object
+    artifact_prefix: str | None = None  # the job's recorded prefix (None: from settings)
     gpu_index: str | None = None
     on_progress: Callable[[int, int], None] = lambda done, total: None
     on_event: Callable[[str, dict], None] = lambda kind, data: None
@@ -68,25 +76,21 @@ class ItemResult:
 
 
 def artifact_key(ctx: ItemContext) -> str:
-    base = job_prefix(ctx.settings, model=ctx.model, dataset=ctx.dataset, dtype=ctx.dtype,
-                      job_id=ctx.job_id)
-    ext = "safetensors" if ctx.kind == "capture" else "jsonl"
-    return f"{base}/{ctx.persona}.{ext}"
+    base = ctx.artifact_prefix or job_prefix(ctx.settings, model=ctx.model, dataset=ctx.dataset,
+                                             dtype=ctx.dtype, job_id=ctx.job_id)
+    return f"{base}/{ctx.persona}.{KINDS[ctx.kind][1]}"
 
 
 def run_item(ctx: ItemContext) -> ItemResult:
     """Compute one persona and store its artifact(s). Raises EngineOOM / JobCancelled."""
-    from app.datasets import load_dataset
-
     dataset = load_dataset(ctx.dataset, settings=ctx.settings)
     samples = dataset.samples(ctx.persona, max_samples=ctx.params.max_samples)
     if not samples:
         raise SpecInvalid(f"persona {ctx.persona!r} has no samples", field="dataset")
-    if ctx.kind == "capture":
-        return _capture(ctx, dataset, samples)
-    if ctx.kind == "rollout":
-        return _rollout(ctx, samples)
-    raise SpecInvalid(f"unknown job kind {ctx.kind!r}", field="kind", hint="capture or rollout")
+    if ctx.kind not in KINDS:
+        raise SpecInvalid(f"unknown job kind {ctx.kind!r}", field="kind",
+                          hint=f"one of {', '.join(KINDS)}")
+    return KINDS[ctx.kind][0](ctx, dataset, samples)
 
 
 def _policy(ctx: ItemContext) -> BatchPolicy:
@@ -114,8 +118,6 @@ def template_kwargs(tokenizer) -> dict:
     generation prompt but never write the empty think block into an assistant turn (the
     tiny generated Qwen3's does this); with the default they could place no response span,
     and every persona would fail. Generation and capture use the same kwargs either way."""
-    from app.prompts import build_prompt, default_template_kwargs
-
     kwargs = default_template_kwargs(tokenizer)
     if not kwargs:
         return kwargs
@@ -132,9 +134,6 @@ def template_kwargs(tokenizer) -> dict:
 def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
                          policy: BatchPolicy | None = None) -> list[dict]:
     """Per sample: the generated response and, with ``capture``, its exact-mode means."""
-    from app.prompts import build_prompt
-    from workers.engine.spec import CaptureSpec, RequestSpec, Span
-
     tok = ctx.engine.tokenizer
     kwargs = template_kwargs(tok)
     layers = _layers(ctx) if capture else ()
@@ -185,11 +184,6 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
 
 
 def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
-    import numpy as np
-
-    from app.artifacts import build_persona_artifact, read_persona_artifact, to_pt
-    from app.vectors import derive_vectors
-
     rows = generate_and_capture(ctx, samples, capture=True)
     layers = list(_layers(ctx))
     acts = {name: np.stack([r["means"][name].float().numpy() for r in rows])
@@ -223,8 +217,6 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
 
 def _scores(dataset, persona: str, keys: list[str]):
     """Judge scores for the persona when the dataset ships them (enables filtered vectors)."""
-    from app.datasets import load_scores
-
     try:
         scores = load_scores(dataset, persona)
     except Exception:
@@ -236,7 +228,7 @@ def _scores(dataset, persona: str, keys: list[str]):
     return scores
 
 
-def _rollout(ctx: ItemContext, samples) -> ItemResult:
+def _rollout(ctx: ItemContext, dataset, samples) -> ItemResult:
     steer, steer_wire = resolve_steering(ctx.params.steer, load_vector=ctx.load_vector,
                                          persona=ctx.persona,
                                          num_layers=int(ctx.engine.num_layers),
@@ -273,3 +265,11 @@ def _rollout(ctx: ItemContext, samples) -> ItemResult:
 
 def _obj(o) -> dict:
     return {"key": o.key, "sha256": o.sha256, "size": o.size}
+
+
+# Job kind -> (what one persona runs, the extension of its main artifact). A new kind is a
+# function here and a value in app.states.JobKind (see docs/extending.md).
+KINDS: dict[str, tuple[Callable[[ItemContext, object, list], ItemResult], str]] = {
+    "capture": (_capture, "safetensors"),
+    "rollout": (_rollout, "jsonl"),
+}

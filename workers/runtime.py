@@ -16,12 +16,19 @@ On a CPU-only host both readings are ``None`` and the checks pass.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
+
+import psutil
 
 from app.settings import Settings
 from workers import gpu
+from workers.engine.protocol import Engine
+from workers.engine.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +38,6 @@ EventSink = Callable[[str, dict], None]  # (kind, data) -> record it on the curr
 def resolve_model(model: str, settings: Settings) -> str:
     """A job's model name -> what the engine loads (tiny:* models are generated locally)."""
     if model.startswith("tiny:"):
-        from workers.engine.tiny import ensure_tiny_model
-
         return str(ensure_tiny_model(model, settings.models_dir))
     return model
 
@@ -55,9 +60,6 @@ def model_max_len(path: str, requested: int) -> int:
     """``requested`` capped at the model's ``max_position_embeddings`` when its config is on
     disk: vLLM refuses a ``max_model_len`` above what the model declares (the tiny models
     declare 2048, below the 4096 default)."""
-    import json
-    from pathlib import Path
-
     config = Path(path) / "config.json"
     try:
         declared = json.loads(config.read_text()).get("max_position_embeddings")
@@ -80,7 +82,7 @@ def memory_fraction(settings: Settings) -> float:
     return min(e.gpu_memory_utilization, CPU_MEMORY_FRACTION)
 
 
-def load_engine(model: str, dtype: str, settings: Settings):
+def load_engine(model: str, dtype: str, settings: Settings) -> Engine:
     """Start an engine for (model, dtype) with the configured backend."""
     path = resolve_model(model, settings)
     e = settings.engine
@@ -100,13 +102,13 @@ class EngineRuntime:
     """Holds at most one engine; thread-safe reads of its state for the heartbeat thread."""
 
     def __init__(self, *, worker_name: str, gpu_index: str | None, settings: Settings,
-                 loader: Callable[[str, str, Settings], object] = load_engine):
+                 loader: Callable[[str, str, Settings], Engine] = load_engine):
         self.worker_name = worker_name
         self.gpu = gpu_index or None
         self.settings = settings
         self._loader = loader
         self._lock = threading.RLock()
-        self.engine = None
+        self.engine: Engine | None = None
         self.model: str | None = None
         self.dtype: str | None = None
         self.state = "idle"  # idle | loading | busy | cleaning
@@ -206,10 +208,6 @@ class EngineRuntime:
 
 def _is_descendant(proc) -> bool:
     """True when ``proc`` was started by this worker process (its engine cores)."""
-    import os
-
-    import psutil
-
     try:
         return any(p.pid == os.getpid() for p in proc.parents())
     except psutil.Error:

@@ -1,8 +1,8 @@
 """Request and response bodies of the status API (also what the CLI prints with ``--json``).
 
-Request models check only *types* (and refuse unknown fields, so a typo like ``max_sample``
-is an error naming the field rather than a silently ignored option); every rule about values
-lives in :mod:`app.submit`, so the HTTP API and the CLI's in-process mode refuse the same
+The request model is the job spec (:mod:`app.spec`): it checks only *types* (and refuses
+unknown fields, so a typo like ``max_sample`` is an error naming the field rather than a
+silently ignored option); every rule about values lives in :mod:`app.submit`, so the HTTP API and the CLI's in-process mode refuse the same
 inputs with the same messages. Response models are lenient (optional fields): they describe
 rows written by other components and must never turn a missing column into a 500.
 """
@@ -10,38 +10,15 @@ rows written by other components and must never turn a missing column into a 500
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, Field
 
+from app.spec import JobParams, JobSpec
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class JobParamsIn(_In):
-    layers: list[StrictInt] | Literal["all"] | None = Field(
-        None, description="layers to capture: a list of indices or 'all' (default all)")
-    max_samples: StrictInt | None = Field(None, description="samples per persona (default all)")
-    batch_size: StrictInt | None = Field(None, description="prompts per engine batch")
-    max_tokens: StrictInt | None = Field(None, description="tokens generated per response")
-    temperature: float | None = Field(None, description="sampling temperature, >= 0")
-    top_p: float | None = Field(None, description="nucleus sampling, in (0, 1]")
-    seed: StrictInt | None = Field(None, description="sampling seed")
-    steer: list[dict[str, Any]] | None = Field(
-        None, description="rollout steering ops: {op: add|cap|ablate, layer, scale, min, max, "
-                          "vector: [floats] | from: {job_id, vector, layer, persona}}")
-    capture: StrictBool | None = Field(None, description="rollout: also store activations")
-    capture_exact: StrictBool | None = Field(
-        None, description="capture with prefix caching off for exact per-token rows")
-
-
-class JobSubmit(_In):
-    kind: str = Field("capture", description="capture | rollout")
-    dataset: str = Field(..., description="a dataset name under the datasets root")
-    model: str | None = Field(None, description="model name (default: settings.default_model)")
-    dtype: str | None = Field(None, description="bfloat16 | float16 | float32")
-    params: JobParamsIn = Field(default_factory=JobParamsIn)
+# The request side is the one job spec (app/spec.py); the names the API has always used:
+JobParamsIn = JobParams
+JobSubmit = JobSpec
 
 
 class ErrorOut(BaseModel):

@@ -22,6 +22,7 @@ from typing import Self
 from workers import gpu
 from workers.engine.runner import V2_ENV
 from workers.engine.spec import (
+    WIRE_KEY,
     Capture,
     CaptureSpec,
     GenResult,
@@ -190,7 +191,7 @@ class SteeringEngine:
                   "stop_token_ids": list(options.stop_token_ids)}
         if spec is not None and spec.active:
             bare = RequestSpec(capture=spec.capture, key=spec.key)  # vectors go by key
-            kw["extra_args"] = {"chatspace": {
+            kw["extra_args"] = {WIRE_KEY: {
                 "uid": uid, "spec": bare.to_wire(), "steer_key": key, "prompt_len": prompt_len}}
             if spec.capture is not None:
                 # A prefix-cache hit skips the forward of the cached rows: capture would miss them.

@@ -33,11 +33,10 @@ import torch
 
 from workers.engine import runner as rn
 from workers.engine.ops import CompiledOps
-from workers.engine.spec import RequestSpec, SteerOp
+from workers.engine.spec import WIRE_KEY, RequestSpec, SteerOp
 
 log = logging.getLogger(__name__)
 
-WIRE_KEY = "chatspace"  # SamplingParams.extra_args[WIRE_KEY] = {"uid", "spec", "steer_key"}
 
 
 @dataclass

@@ -21,6 +21,7 @@ Batches are left-padded; rows of finished requests are neither steered nor captu
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +353,13 @@ class HFBackend:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def shutdown(self) -> None:
+        """The :class:`~workers.engine.protocol.Engine` end of life the worker's runtime calls:
+        remove the hooks and drop the weights (nothing runs in another process here)."""
+        self.close()
+        self.model = None
+        gc.collect()
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,9 +1,12 @@
 """What a request asks the engine for, and what it gets back.
 
-These plain dataclasses are the contract shared by the vLLM engine (``engine.py`` /
+These plain dataclasses (tensors allowed) are the contract shared by the vLLM engine (``engine.py`` /
 ``extension.py``), the transformers reference backend (``hf.py``) and the job pipeline.
 They travel to vLLM workers inside ``SamplingParams.extra_args`` as plain dicts
-(:meth:`RequestSpec.to_wire` / :meth:`RequestSpec.from_wire`).
+(:meth:`RequestSpec.to_wire` / :meth:`RequestSpec.from_wire`), under :data:`WIRE_KEY`.
+A job's steering ops are declared once in :mod:`jobspec.steering` (op names, fields); the
+worker builds these dataclasses from them, and :func:`validate_spec` is the engine's own
+check at its boundary (it knows the loaded model's shape).
 
 Positions are absolute token positions in the request's sequence (prompt followed by the
 generated tokens). vLLM never forwards the last sampled token, so a span computed during
@@ -16,10 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-OpKind = Literal["add", "cap", "ablate"]
-OP_KINDS = ("add", "cap", "ablate")
+from jobspec import sampling
+from jobspec.steering import OPS as OP_KINDS
+from jobspec.steering import OpKind
+
+__all__ = ["OP_KINDS", "OpKind"]  # re-exported: the op names are jobspec's
+WIRE_KEY = "chatspace"  # SamplingParams.extra_args[WIRE_KEY] = {"uid", "spec", "steer_key", ...}
 RESERVED_SPANS = ("prompt", "response", "last_prompt")  # the built-in span names
 
 
@@ -234,9 +241,9 @@ def as_specs(specs: RequestSpec | Sequence[RequestSpec | None] | None, n: int) -
 class SamplingOptions:
     """Generation settings shared by both backends."""
 
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_tokens: int = sampling.MAX_TOKENS
+    temperature: float = sampling.TEMPERATURE
+    top_p: float = sampling.TOP_P
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)

@@ -19,8 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobspec.tiny import TINY_HIDDEN, TINY_LAYERS, TINY_PREFIX
+
 FAMILIES = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3")
-TINY_PREFIX = "tiny:"
 _STAMP = "tiny_model.json"  # written last: a directory without it is an unfinished build
 _FORMAT = 1  # bump when the build recipe changes so cached models are rebuilt
 
@@ -139,7 +140,8 @@ def build_tokenizer(family: str, *, vocab_size: int = 512):
     return fast
 
 
-def build_config(family: str, *, num_layers: int = 4, hidden_size: int = 128,
+def build_config(family: str, *, num_layers: int = TINY_LAYERS,
+                 hidden_size: int = TINY_HIDDEN,
                  num_heads: int = 2, num_kv_heads: int = 1, head_dim: int = 64,
                  vocab_size: int = 512, intermediate_size: int = 256,
                  max_position_embeddings: int = 2048):
@@ -168,9 +170,9 @@ def build_config(family: str, *, num_layers: int = 4, hidden_size: int = 128,
     return tf.Gemma3TextConfig(**common, query_pre_attn_scalar=head_dim, layer_types=layer_types)
 
 
-def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0, num_layers: int = 4,
-                     hidden_size: int = 128, num_heads: int = 2, num_kv_heads: int = 1,
-                     head_dim: int = 64, vocab_size: int = 512) -> Path:
+def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0,
+                     num_layers: int = TINY_LAYERS, hidden_size: int = TINY_HIDDEN,
+                     num_heads: int = 2, num_kv_heads: int = 1, head_dim: int = 64, vocab_size: int = 512) -> Path:
     """Write a random ``family`` model (fp32 safetensors + tokenizer) to ``out_dir``.
 
     Deterministic for a given ``seed``. The directory is assembled in a sibling temp folder

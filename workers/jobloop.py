@@ -1,4 +1,4 @@
-"""The one Celery task: run a job's items on this worker. Thin: ids in, states out.
+"""The job loop: claim a job's items and run them until none is left. No Celery here.
 
 A task carries only a job id. It may be delivered twice (a Redis re-delivery, a reconciler
 re-enqueue, two workers on one queue): every item is taken with a Postgres lease
@@ -10,24 +10,52 @@ Errors map to states here: OOM after the last halving → ``failed(oom)``; cance
 is released and the job ends ``cancelled``; anything else → the item is failed and retried
 up to ``max_item_attempts``, then the job is ``failed(error)``. After every job, and every
 failure, the engine runtime cleans up and checks GPU memory against its baseline.
+
+:func:`execute_job` takes the worker as an argument (its name, settings, engine runtime and
+busy/idle marks: :class:`Worker`), so it runs under the Celery task, or in a test with a fake
+engine on SQLite.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
-from app.errors import EngineOOM, InvalidTransition
+from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from app import jobs
+from app.artifacts import read_persona_artifact, recorded_prefix
+from app.db import session_scope
+from app.errors import EngineOOM, InvalidTransition, SpecInvalid
+from app.models import Artifact, Job, JobItem
+from app.storage import get_store
+from workers import pipeline
 from workers.batching import JobCancelled
+from workers.manifest import finish
+from workers.params import JobParams
+
+log = logging.getLogger(__name__)
 
 DB_RETRY_S = 180.0  # how long a worker rides out a database outage before giving up
+
+
+class Worker(Protocol):
+    """What the job loop needs of the worker process that runs it."""
+
+    name: str
+    settings: object
+    runtime: object  # workers.runtime.EngineRuntime: acquire / cleanup / gpu
+
+    def busy(self, job_id: str) -> None: ...
+
+    def idle(self) -> None: ...
 
 
 def db_retry(fn, *args, what: str, **kw):
     """Call ``fn``, retrying with backoff while the database is unreachable (a Postgres
     restart): a finished persona's result must not be dropped because the database blinked."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
     deadline = time.monotonic() + DB_RETRY_S
     delay = 0.5
     while True:
@@ -41,33 +69,9 @@ def db_retry(fn, *args, what: str, **kw):
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
-log = logging.getLogger(__name__)
 
-
-def register(celery) -> None:
-    """Declare the task on an app (the app is built per settings, see celery_app)."""
-    from workers.celery_app import RUN_JOB
-
-    @celery.task(name=RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True,
-                 ignore_result=True)
-    def run_job(self, job_id: str) -> dict:
-        from workers import lifecycle
-
-        worker = lifecycle.current_worker()
-        if worker is None:  # not started through workers.cli: set up in-process
-            worker = lifecycle.start_worker_services()
-        return worker.run_job(str(job_id))
-
-
-def execute_job(job_id: str, *, worker) -> dict:
+def execute_job(job_id: str, *, worker: Worker) -> dict:
     """Claim and run this job's items until none is left; finish the job if it is done."""
-    from app import jobs
-    from app.db import session_scope
-    from app.models import Job
-    from app.storage import get_store
-    from workers import pipeline
-    from workers.params import JobParams
-
     settings = worker.settings
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -78,6 +82,7 @@ def execute_job(job_id: str, *, worker) -> dict:
             return {"job_id": job_id, "ran": 0, "reason": f"job is {job.state}"}
         kind, dataset, model, dtype = job.kind, job.dataset, job.model, job.dtype
         params = JobParams.from_dict(job.params)
+        prefix = recorded_prefix(job, settings)
 
     def event(kind_: str, data: dict) -> None:
         with session_scope() as s:
@@ -101,7 +106,7 @@ def execute_job(job_id: str, *, worker) -> dict:
             ctx = pipeline.ItemContext(
                 job_id=job_id, kind=kind, dataset=dataset, persona=persona, model=model,
                 dtype=dtype, params=params, engine=engine, store=store, settings=settings,
-                gpu_index=runtime.gpu, on_event=event,
+                artifact_prefix=prefix, gpu_index=runtime.gpu, on_event=event,
                 on_progress=_progress_writer(item_id, attempt),
                 should_cancel=_cancel_checker(job_id),
                 load_vector=lambda j, p, k, layer: load_vector(store, j, p, k, layer))
@@ -138,9 +143,6 @@ def execute_job(job_id: str, *, worker) -> dict:
 
 
 def _claim(job_id, worker, lease_s):
-    from app import jobs
-    from app.db import session_scope
-
     with session_scope() as s:
         item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=lease_s)
         if item is None:
@@ -149,9 +151,6 @@ def _claim(job_id, worker, lease_s):
 
 
 def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:
-    from app import jobs
-    from app.db import session_scope
-
     try:
         with session_scope() as s:
             jobs.complete_item(s, item_id=item_id, attempt=attempt, worker=worker,
@@ -166,9 +165,6 @@ def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:
 
 
 def _fail(job_id, item_id, attempt, worker, kind, exc, *, requeue, **figures) -> None:
-    from app import jobs
-    from app.db import session_scope
-
     try:
         with session_scope() as s:
             jobs.fail_item(s, item_id=item_id, attempt=attempt, worker=worker, failure_kind=kind,
@@ -182,12 +178,6 @@ def _fail_rest(job_id, worker, persona, exc) -> None:
     personas not yet run are failed (kind ``oom``, naming the persona and the sizes) rather
     than each spending the same halvings on a GPU that just proved too small. A retry of the
     job queues them again and keeps every persona already done."""
-    from sqlalchemy import select
-
-    from app import jobs
-    from app.db import session_scope
-    from app.models import JobItem
-
     reason = f"not run: persona {persona!r} ran out of memory ({str(exc)[:500]})"
     with session_scope() as s:
         ids = s.execute(select(JobItem.id).where(JobItem.job_id == job_id,
@@ -203,9 +193,6 @@ def _fail_rest(job_id, worker, persona, exc) -> None:
 
 def _progress_writer(item_id, attempt):
     """Progress rows at most every 0.5 s (and always at the end of the persona)."""
-    from app import jobs
-    from app.db import session_scope
-
     last = [0.0]
 
     def write(done: int, total: int) -> None:
@@ -223,9 +210,6 @@ def _progress_writer(item_id, attempt):
 
 
 def _cancel_checker(job_id):
-    from app.db import session_scope
-    from app.models import Job
-
     def cancelled() -> bool:
         def read():
             with session_scope() as s:
@@ -238,31 +222,8 @@ def _cancel_checker(job_id):
     return cancelled
 
 
-def finish(job_id: str, *, settings, store):
-    """When every item is done: write the manifest, THEN mark the job succeeded."""
-    from app import jobs
-    from app.db import session_scope
-    from workers.manifest import build_manifest
-
-    with session_scope() as s:
-        manifest = build_manifest(s, job_id=job_id, settings=settings)
-    manifest_key = None
-    if manifest is not None:
-        prefix, body = manifest
-        manifest_key = store.write_manifest(prefix, body, overwrite=True).key
-    with session_scope() as s:
-        return jobs.finish_job_if_done(s, job_id=job_id, manifest_key=manifest_key)
-
-
 def load_vector(store, job_id: str, persona: str, vector_key: str, layer: int) -> list[float]:
     """One layer of a derived vector from an earlier capture job's persona artifact."""
-    from sqlalchemy import select
-
-    from app.artifacts import read_persona_artifact
-    from app.db import session_scope
-    from app.errors import SpecInvalid
-    from app.models import Artifact
-
     with session_scope() as s:
         row = s.execute(select(Artifact).where(Artifact.job_id == job_id,
                                                Artifact.key.like(f"%/{persona}.safetensors"))

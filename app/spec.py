@@ -1,0 +1,65 @@
+"""The job spec, declared once: what a job may ask for, with types, defaults and docs.
+
+One pydantic model serves every side:
+- the API's request body (:class:`JobSpec`, so OpenAPI documents every parameter and every
+  steering-op field);
+- submit validation (:mod:`app.submit` checks the *values* of what this model parsed, against
+  the dataset and the model's shape, and stores only what was given);
+- the worker (:class:`workers.params.JobParams` is this model with the worker's reading of a
+  stored row), whose defaults are these defaults;
+- the engine, through the dependency-free :mod:`jobspec` package this module builds on
+  (steering-op fields and names, sampling defaults): the engine may not import ``app/``.
+
+Adding a job parameter: a field here, and the code that reads it (see docs/extending.md).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from app.states import JobKind
+from jobspec import sampling
+from jobspec.steering import OPS, SteerOpSpec, VectorRef
+
+KINDS: tuple[str, ...] = tuple(k.value for k in JobKind)  # the database's check constraint too
+__all__ = ["KINDS", "OPS", "JobParams", "JobSpec", "SteerOpSpec", "VectorRef"]
+
+
+class JobParams(BaseModel):
+    """A job's parameters. Every field is optional; a value left out takes its default."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo like max_sample is refused, named
+
+    layers: list[StrictInt] | Literal["all"] | None = Field(
+        None, description="layers to capture: a list of indices or 'all' (default all)")
+    max_samples: StrictInt | None = Field(None, description="samples per persona (default all)")
+    batch_size: StrictInt | None = Field(sampling.BATCH_SIZE,
+                                         description="prompts per engine batch")
+    max_tokens: StrictInt | None = Field(sampling.MAX_TOKENS,
+                                         description="tokens generated per response")
+    temperature: float | None = Field(sampling.TEMPERATURE,
+                                      description="sampling temperature, >= 0 (0: greedy)")
+    top_p: float | None = Field(sampling.TOP_P, description="nucleus sampling, in (0, 1]")
+    seed: StrictInt | None = Field(None, description="sampling seed")
+    steer: list[SteerOpSpec] | None = Field(None, description="rollout: steering ops")
+    capture: StrictBool | None = Field(None, description="rollout: also store activations")
+    capture_exact: StrictBool | None = Field(
+        None, description="capture with prefix caching off for exact per-token rows")
+
+    def given(self) -> dict:
+        """Only what the submitter wrote (no defaults, no nulls), as plain JSON values."""
+        return self.model_dump(exclude_unset=True, exclude_none=True, by_alias=True)
+
+
+class JobSpec(BaseModel):
+    """A job as submitted: ``POST /jobs`` and ``chatspace-jobs submit``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field("capture", description=" | ".join(KINDS))
+    dataset: str = Field(..., description="a dataset name under the datasets root")
+    model: str | None = Field(None, description="model name (default: settings.default_model)")
+    dtype: str | None = Field(None, description="bfloat16 | float16 | float32")
+    params: JobParams = Field(default_factory=JobParams)
