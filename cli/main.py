@@ -73,6 +73,21 @@ def _steer(path: str | None):
     return data
 
 
+def _params(pairs) -> dict:
+    """``--param name=VALUE`` pairs; VALUE is JSON (a bare word is a string). The job spec
+    checks names and types, so a new parameter needs no CLI change."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{pair!r}: use NAME=VALUE", param_hint="--param")
+        try:
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            out[name.strip()] = value
+    return out
+
+
 @cli.command()
 @click.argument("dataset")
 @click.option("--kind", type=click.Choice(KINDS), default="capture")
@@ -87,17 +102,20 @@ def _steer(path: str | None):
 @click.option("--steer", "steer_file", type=click.Path(dir_okay=False), default=None,
               help="a JSON file with a list of steering ops (rollout)")
 @click.option("--capture", is_flag=True, default=None, help="rollout: also store activations")
+@click.option("--param", "more", multiple=True, metavar="NAME=VALUE",
+              help="any job parameter (see app/spec.py), VALUE as JSON; repeatable")
 @click.option("--wait", is_flag=True, help="show progress until the job ends")
 @json_option
 @click.pass_context
 def submit(ctx, dataset, kind, model, dtype, layers, max_samples, batch_size, max_tokens,
-           temperature, seed, steer_file, capture, wait, as_json):
+           temperature, seed, steer_file, capture, more, wait, as_json):
     """Submit a job over DATASET; prints its id."""
-    params = {"layers": _layers(layers), "max_samples": max_samples, "batch_size": batch_size,
-              "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
-              "steer": _steer(steer_file), "capture": capture or None}
+    flags = {"layers": _layers(layers), "max_samples": max_samples, "batch_size": batch_size,
+             "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+             "steer": _steer(steer_file), "capture": capture or None}
+    params = {**_params(more), **{k: v for k, v in flags.items() if v is not None}}
     body = {"kind": kind, "dataset": dataset, "model": model, "dtype": dtype,
-            "params": {k: v for k, v in params.items() if v is not None}}
+            "params": params}
     c = client(ctx)
     job = c.submit({k: v for k, v in body.items() if v is not None})
     if as_json and not wait:
