@@ -132,6 +132,11 @@ def check_params(p: dict, *, kind: str, info: ModelInfo | None) -> dict:
     if out.get("capture") and kind != "rollout":
         raise SpecInvalid("only rollout jobs take 'capture'", field="params.capture",
                           hint="capture jobs always capture; drop the flag")
+    # Any other parameter of the job spec (app/spec.py) was checked there, by type and range:
+    # stored as given, so adding a parameter needs no change here.
+    for name, value in p.items():
+        if name not in out and name not in ("layers", "steer") and value is not None:
+            out[name] = value
     return out
 
 
