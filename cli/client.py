@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import httpx
 
@@ -110,8 +111,6 @@ class Client:
             return self._store.download_file(key, path).size
         url = self.artifact_url(key)["url"]
         if url.startswith("file://"):
-            from urllib.parse import unquote, urlparse
-
             data = Path(unquote(urlparse(url).path)).read_bytes()
             path.write_bytes(data)
             return len(data)

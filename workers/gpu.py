@@ -17,6 +17,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+import psutil
+
 from workers.config import WORKER_ENV
 
 log = logging.getLogger(__name__)
@@ -132,8 +134,6 @@ def is_oom(exc: BaseException) -> bool:
 
 def engine_processes(worker_name: str | None = None) -> list:
     """vLLM engine processes on this host (optionally only those a given worker started)."""
-    import psutil
-
     found = []
     for proc in psutil.process_iter(["pid", "name", "cmdline", "ppid"]):
         try:
@@ -150,8 +150,6 @@ def engine_processes(worker_name: str | None = None) -> list:
 
 def orphan_engines(worker_name: str) -> list:
     """Engine processes started by a (dead) worker of this name whose parent is gone."""
-    import psutil
-
     orphans = []
     for proc in engine_processes(worker_name):
         try:
@@ -165,8 +163,6 @@ def orphan_engines(worker_name: str) -> list:
 
 def kill_processes(procs, *, grace_s: float = 10.0) -> list[int]:
     """SIGTERM, then SIGKILL what is still alive after ``grace_s``. Returns the pids ended."""
-    import psutil
-
     pids = []
     for p in procs:
         try:
