@@ -1,0 +1,30 @@
+"""The CHATSPACE_WORKER_* contract: what the launcher writes, the worker reads back."""
+
+from __future__ import annotations
+
+from workers.config import WORKER_ENV, WorkerEnv, nodename
+
+
+def test_worker_env_round_trips_through_the_environment(monkeypatch):
+    sent = WorkerEnv(name="h-gpu1", gpu="1", model="tiny:qwen3", dtype="float32",
+                     queues=["chatspace.tiny_qwen3.float32", "extra"], max_jobs=3,
+                     exit_when_idle=True)
+    for key, value in sent.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert WorkerEnv() == sent
+    assert sent.to_env()[WORKER_ENV] == "h-gpu1"
+
+
+def test_empty_variables_mean_unset_except_gpu(monkeypatch):
+    cpu = WorkerEnv(name="h-cpu", gpu="").to_env()
+    for key, value in cpu.items():
+        monkeypatch.setenv(key, value)
+    got = WorkerEnv()
+    assert got.gpu == "" and got.model is None and got.max_jobs is None
+    assert got.queues == [] and got.exit_when_idle is False
+    monkeypatch.delenv(WORKER_ENV[:-4] + "GPU")
+    assert WorkerEnv().gpu is None  # unset: the worker picks the first visible GPU
+
+
+def test_nodename():
+    assert nodename("h-gpu0") == "chatspace@h-gpu0" and nodename("x@y") == "x@y"
