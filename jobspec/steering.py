@@ -12,12 +12,12 @@ live with the code that knows the shape (submit, and the engine at its boundary)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 OpKind = Literal["add", "cap", "ablate"]
-OPS: tuple[str, ...] = ("add", "cap", "ablate")
+OPS: tuple[str, ...] = get_args(OpKind)  # the op names, in one place
 DEFAULT_SCALE = 1.0
 
 
