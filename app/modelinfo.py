@@ -141,3 +141,23 @@ def resolve(model: str, *, settings=None, session=None) -> ModelInfo | None:
                 return info
     log.debug("no shape known for model %s; layer checks wait for the worker", model)
     return None
+
+
+def config_provenance(model: str, settings=None) -> dict:
+    """What identifies the weights a job ran on, for its manifest: the sha256 of the model's
+    ``config.json`` and, from a Hugging Face cache snapshot, its revision (the commit the
+    snapshot folder is named after). Empty fields when no config is on this machine."""
+    import hashlib
+
+    candidates = _config_candidates(model, settings)
+    models_dir = getattr(settings, "models_dir", None)
+    if model.startswith(TINY_PREFIX) and models_dir is not None:  # built as tiny-<family>
+        candidates.insert(0, Path(models_dir) / f"tiny-{model[len(TINY_PREFIX):]}" / "config.json")
+    for path in candidates:
+        if path.is_file():
+            data = path.read_bytes()
+            parts = path.parts
+            revision = parts[-2] if len(parts) > 2 and parts[-3] == "snapshots" else None
+            return {"config_sha256": hashlib.sha256(data).hexdigest(), "revision": revision,
+                    "config_path": str(path)}
+    return {"config_sha256": None, "revision": None, "config_path": None}

@@ -21,6 +21,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def default_data_dir() -> Path:
+    from platformdirs import user_data_path
+
+    return user_data_path("chatspace-jobs", appauthor=False)
+
+
 class S3Settings(BaseSettings):
     """S3 / MinIO artifact store. Used when ``bucket`` is set; else the local folder."""
 
@@ -58,7 +64,10 @@ class EngineSettings(BaseSettings):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATSPACE_", extra="ignore")
 
-    data_dir: Path = Field(default_factory=lambda: Path.cwd() / ".chatspace")
+    # The embedded state (SQLite file, broker folder, artifacts, tiny models) lives in the
+    # per-user data folder (~/.local/share/chatspace-jobs on Linux), not the current
+    # directory: the same jobs whichever folder a command runs from.
+    data_dir: Path = Field(default_factory=lambda: default_data_dir())
     database_url: str | None = None
     broker_url: str | None = None
     datasets_root: str | None = None  # local folder or s3://bucket/prefix ; None = shipped samples

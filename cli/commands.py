@@ -13,7 +13,9 @@ from app.settings import get_settings
 from app.spec import SteerOpSpec
 from cli import views
 from cli.client import ApiError, wiring
+from cli import results
 from cli.common import client, emit, json_option
+from cli.help import add_examples
 
 
 @click.group(invoke_without_command=True)
@@ -42,11 +44,15 @@ def artifacts_ls(ctx, target="", as_json=False):
 
 @artifacts.command("get")
 @click.argument("key")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="where to write it (default: the key's file name)")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="where to write it (default: the key's file name; for a JOB, a folder "
+                   "named after it)")
 @click.pass_context
 def artifacts_get(ctx, key, output):
-    """Download one artifact."""
+    """Download one artifact by KEY, or every file of a JOB into a folder (resumable, each
+    file checked against the manifest's sha256)."""
+    if _looks_like_job(key):
+        return results.download_job(ctx, key, output)
     c = client(ctx)
     c.artifact_meta(key)  # a clear 404 before any file is created
     path = Path(output or key.rsplit("/", 1)[-1])
@@ -203,5 +209,7 @@ def steer_spec(as_schema):
 
 
 def register(cli: click.Group) -> None:
-    for command in (artifacts, workers, datasets, ready, db, api, worker, steer_spec):
+    for command in (artifacts, workers, datasets, ready, db, api, worker, steer_spec,
+                    results.analyze):
         cli.add_command(command)
+    add_examples(cli)

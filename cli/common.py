@@ -11,12 +11,12 @@ import sys
 
 import click
 from pydantic import ValidationError
-from rich.console import Console
 
 from app.errors import ChatspaceError
 from app.settings import get_settings
 from cli import client as api_client
 from cli.client import ApiError
+from cli.render import show
 
 EXIT_USER, EXIT_FAILED, EXIT_CANCELLED, EXIT_UNAVAILABLE = 2, 3, 4, 1
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -72,7 +72,7 @@ def emit(data, as_json: bool, render=None) -> None:
     if as_json or render is None:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    Console().print(render(data))
+    show(render(data))  # nothing cut: wraps on a terminal, full width when piped
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")

@@ -67,14 +67,14 @@ def jobs_table(jobs: list[dict]) -> Table:
 def progress_view(jobs: list[dict]) -> Table:
     """One row per job: state, bar over personas, samples, rate, ETA, OOMs, worker."""
     t = Table(title="progress", expand=False)
-    t.add_column("job", no_wrap=True, min_width=12)
+    t.add_column("job", no_wrap=True, min_width=32)
     for col in ("state", "personas", "", "samples", "rate/s", "eta", "ooms", "worker"):
         t.add_column(col)
     for j in jobs:
         p = j.get("progress") or {}
         done, total = p.get("items_done", 0), p.get("items_total", 0)
         rate, eta = rate_eta(j)
-        t.add_row(j["id"][:12], _state(j["state"], j.get("failure_kind")), f"{done}/{total}",
+        t.add_row(j["id"], _state(j["state"], j.get("failure_kind")), f"{done}/{total}",
                   ProgressBar(total=max(total, 1), completed=done, width=24),
                   f"{p.get('samples_done', 0)}/{p.get('samples_total', 0)}",
                   "-" if rate is None else f"{rate:.1f}", _dur(eta), str(p.get("ooms", 0)),
@@ -101,7 +101,7 @@ def job_detail(job: dict) -> Group:
     for p in (job.get("progress") or {}).get("personas", []):
         personas.add_row(p["persona"], _state(p.get("state") or "-"),
                          f"{p.get('done') or 0}/{p.get('total') or '?'}", str(p.get("attempt") or 0),
-                         p.get("worker") or "-", (p.get("error") or "")[:60])
+                         p.get("worker") or "-", p.get("error") or "")
     return Group(head, progress_view([job]), personas)
 
 
@@ -112,7 +112,7 @@ def events_table(events: list[dict]) -> Table:
     for e in events:
         data = e.get("data") or {}
         details = ", ".join(f"{k}={v}" for k, v in data.items())
-        t.add_row(str(e.get("id")), (e.get("created_at") or "")[:19], e["kind"], details[:120])
+        t.add_row(str(e.get("id")), (e.get("created_at") or "")[:19], e["kind"], details)
     return t
 
 

@@ -18,3 +18,13 @@ import transformers, torch, vllm  # noqa: F401  the set-up is only done when the
 from transformers import AutoModelForCausalLM  # noqa: F401
 print(f"setup ok: torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__}")
 PY
+# Chromium for the browser tests (tests/integration/test_ui_browser.py): Debian's package,
+# driven by Playwright (never `playwright install`: its browser download is not reachable).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is missing: install Debian's package (sudo apt-get install -y chromium)" \
+         "for the browser tests" >&2
+  fi
+fi

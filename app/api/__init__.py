@@ -24,21 +24,23 @@ def _no_enqueue(job_id: str) -> None:
 
 def create_app(settings=None, *, enqueue: Callable[[str], None] | None = None,
                control: Any = None) -> FastAPI:
-    from app.api import artifacts, errors, health, jobs, workers
+    from app.api import analysis, artifacts, errors, health, jobs, ui, workers
     from app.db import default_factory
     from app.settings import get_settings
 
     settings = settings or get_settings()
     app = FastAPI(title="chatspace-jobs", version="0.1.0",
-                  description="Batch persona capture and steered rollouts on warm vLLM workers")
+                  description="Batch persona capture and steered rollouts on warm vLLM workers",
+                  docs_url=None, redoc_url=None)  # /docs is served offline by app.api.ui
     app.state.settings = settings
     app.state.session_factory = default_factory(settings.db_url)
     app.state.enqueue = enqueue or _no_enqueue
     app.state.control = control
     app.state.store = None
     errors.install(app)
-    for module in (health, jobs, workers, artifacts):
+    for module in (health, jobs, workers, artifacts, analysis):
         app.include_router(module.router)
+    ui.install(app)
     return app
 
 

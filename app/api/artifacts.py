@@ -73,3 +73,42 @@ def url(store: StoreDep, key: Annotated[str, Query(max_length=1024)],
         expires_s: Annotated[int, Query(ge=1, le=7 * 24 * 3600)] = 3600) -> ArtifactUrl:
     return ArtifactUrl(key=key, url=store.url(_checked(key, "key"), expires_s=expires_s),
                        expires_s=expires_s)
+
+
+def stream_artifact(store, key: str, *, attachment: bool = True):
+    """A file response with the artifact's bytes, checked against its recorded sha256 on the
+    server (the object is first copied to a temp file, so a multi-GB artifact never sits in
+    memory) and carrying that sha256 in ``X-Content-SHA256`` for the client to check."""
+    import mimetypes
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from fastapi.responses import FileResponse
+    from starlette.background import BackgroundTask
+
+    obj = store.head(key)
+    if obj is None:
+        raise ArtifactNotFound(f"no artifact {key!r}", field="key",
+                               hint="`chatspace-jobs artifacts ls` lists keys")
+    folder = tempfile.mkdtemp(prefix="chatspace-dl-")
+    name = key.rsplit("/", 1)[-1]
+    try:
+        store.download_file(key, Path(folder) / name)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    headers = {"X-Content-SHA256": obj.sha256} if obj.sha256 else {}
+    return FileResponse(Path(folder) / name, media_type=media, headers=headers,
+                        filename=name if attachment else None,
+                        content_disposition_type="attachment" if attachment else "inline",
+                        background=BackgroundTask(shutil.rmtree, folder, True))
+
+
+@router.get("/content", responses={**ERRORS, 200: {
+    "description": "the artifact's bytes; X-Content-SHA256 carries its recorded sha256",
+    "content": {"application/octet-stream": {}}}})
+def content(store: StoreDep, key: Annotated[str, Query(max_length=1024)]):
+    """Download one artifact through the API (checked against its sha256 on the way out)."""
+    return stream_artifact(store, _checked(key, "key"))

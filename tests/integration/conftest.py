@@ -16,3 +16,6 @@ def factory(request, tmp_path):
     engine = make_engine(url)
     yield session_factory(engine)
     engine.dispose()
+
+
+from tests.integration.finished_job import finished_job  # noqa: E402,F401  (session-scoped)
