@@ -11,9 +11,8 @@ import click
 
 from app.settings import get_settings
 from app.spec import SteerOpSpec
-from cli import views
+from cli import results, views
 from cli.client import ApiError, wiring
-from cli import results
 from cli.common import client, emit, json_option
 from cli.help import add_examples
 

@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from app import jobs
 from app.artifacts import recorded_prefix
-from app.modelinfo import config_provenance
 from app.db import session_scope
+from app.modelinfo import config_provenance
 from app.models import Artifact, Job, JobItem
 
 

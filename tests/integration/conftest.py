@@ -18,4 +18,4 @@ def factory(request, tmp_path):
     engine.dispose()
 
 
-from tests.integration.finished_job import finished_job  # noqa: E402,F401  (session-scoped)
+from tests.integration.finished_job import finished_job  # noqa: F401  (session-scoped)
