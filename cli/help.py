@@ -36,6 +36,7 @@ EXAMPLES: dict[str, list[str]] = {
     "db": ["chatspace-jobs db upgrade"],
     "db upgrade": ["CHATSPACE_DATABASE_URL=postgresql+psycopg://... chatspace-jobs db upgrade"],
     "api": ["chatspace-jobs api --port 8000   # then open http://127.0.0.1:8000/ui/"],
+    "steer-spec": ["chatspace-jobs steer-spec", "chatspace-jobs steer-spec --schema > steer.json"],
     "worker": ["chatspace-jobs worker --model Qwen/Qwen3-8B --dtype bfloat16 --gpus 0,1",
                "chatspace-jobs worker --exit-when-idle"],
 }
