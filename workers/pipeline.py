@@ -195,7 +195,8 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
         activations=acts["response"], keys=keys, vectors=vectors, layers=layers,
         model=ctx.model, dtype=ctx.dtype, dataset=ctx.dataset, persona=ctx.persona,
         extra_spans={"prompt": acts["prompt"], "last_prompt": acts["last_prompt"]},
-        extra_metadata={"job_id": str(ctx.job_id), "params": ctx.params.as_dict(),
+        extra_metadata={**provenance(ctx.engine), "job_id": str(ctx.job_id),
+                        "params": ctx.params.as_dict(),
                         "responses": [r["response"] for r in rows],
                         "response_tokens": [r["response_tokens"] for r in rows],
                         "response_spans": [list(r["response_span"]) for r in rows]})
@@ -207,7 +208,8 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
         content_type="application/json", overwrite=True)
     pt_obj = ctx.store.put_bytes(stem + ".pt", to_pt(read_persona_artifact(data)),
                                  overwrite=True)
-    info = {"persona": ctx.persona, "n_samples": len(rows), "layers": layers,
+    info = {**provenance(ctx.engine), "persona": ctx.persona, "n_samples": len(rows),
+            "layers": layers,
             "shapes": {"activations": list(acts["response"].shape),
                        **{f"vectors.{k}": list(v.shape) for k, v in vectors.vectors.items()}},
             "dtype": "float32"}
@@ -243,24 +245,32 @@ def _rollout(ctx: ItemContext, dataset, samples) -> ItemResult:
             "system_prompt": s.system_prompt, "question": s.question, "response": r["response"],
             "prompt_tokens": r["prompt_tokens"], "response_tokens": r["response_tokens"],
             "finish_reason": r["finish_reason"], "steer": steer_wire,
-            "sampling": ctx.params.sampling_dict()}) + "\n")
+            "sampling": ctx.params.sampling_dict(), **provenance(ctx.engine)}) + "\n")
     key = artifact_key(ctx)
     stored = ctx.store.put_bytes(key, buf.getvalue().encode(),
                                  content_type="application/x-ndjson", overwrite=True)
-    extra, info = [], {"persona": ctx.persona, "n_samples": len(rows)}
+    extra, info = [], {**provenance(ctx.engine), "persona": ctx.persona, "n_samples": len(rows)}
     if ctx.params.capture:
         import torch
         from safetensors.torch import save
 
         tensors = {f"{name}_mean": torch.stack([r["means"][name] for r in rows]).float()
                    .contiguous() for name in SPANS}
+        header = {**provenance(ctx.engine), "keys": json.dumps([r["sample"].key for r in rows])}
         cap = ctx.store.put_bytes(key.rsplit(".", 1)[0] + ".activations.safetensors",
-                                  save(tensors, metadata={"keys": json.dumps(
-                                      [r["sample"].key for r in rows])}), overwrite=True)
+                                  save(tensors, metadata=header), overwrite=True)
         extra.append(_obj(cap))
         info["shapes"] = {k: list(v.shape) for k, v in tensors.items()}
     return ItemResult(artifact_key=key, sha256=stored.sha256, size=stored.size, extra=extra,
                       info=info)
+
+
+def provenance(engine) -> dict:
+    """What every artifact must say about how the engine ran: ``unverified_family`` (the
+    decoder-layer class) when it served a family outside the verified ones
+    (``engine.allow_unverified_family``); nothing otherwise."""
+    family = getattr(engine, "unverified_family", None)
+    return {"unverified_family": str(family)} if family else {}
 
 
 def _obj(o) -> dict:

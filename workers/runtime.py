@@ -92,7 +92,8 @@ def load_engine(model: str, dtype: str, settings: Settings) -> Engine:
         return SteeringEngine(
             path, dtype=dtype, max_model_len=model_max_len(path, e.max_model_len),
             gpu_memory_utilization=memory_fraction(settings), enforce_eager=e.enforce_eager,
-            max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size)
+            max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size,
+            allow_unverified_family=e.allow_unverified_family)
     from workers.engine.hf import HFBackend
 
     return HFBackend(path, dtype=dtype)

@@ -113,3 +113,13 @@ def test_model_without_layers_refused():
     runner = types.SimpleNamespace(model=types.SimpleNamespace(model=object()))
     with pytest.raises(rn.UnsupportedRunner, match="cannot be hooked"):
         rn.decoder_layers(runner)
+
+
+@pytest.mark.engine
+def test_worker_errors_reach_the_caller_as_engine_error(eng):
+    """vLLM hands an exception raised in its worker back as a bare ``Exception``; the engine's
+    RPCs re-raise it as EngineError (a refusal at start takes the same path)."""
+    with pytest.raises(EngineError, match="steering_register failed in the vLLM worker") as err:
+        eng._rpc("steering_register", {"bad-key": [{"layer": 1}]})  # no "op": KeyError there
+    assert type(err.value.__cause__) is not EngineError
+    assert eng.generate([PROMPT], OPTS)[0].token_ids  # still serving

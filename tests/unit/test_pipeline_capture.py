@@ -180,3 +180,36 @@ def test_cancel_after_generate_skips_the_capture_pass():
     with pytest.raises(JobCancelled):
         pipeline.run_item(ctx)
     assert engine.batches == [2] and captured == []
+
+
+def test_unverified_family_recorded_in_every_artifact(tmp_path):
+    """An engine serving an unverified decoder-layer class (engine.allow_unverified_family)
+    says so in every file it produces; a verified one adds nothing."""
+    import io
+
+    from safetensors import safe_open
+
+    ctx, engine, *_ = make_ctx()
+    assert "unverified_family" not in read_persona_artifact(
+        ctx.store.get_bytes(pipeline.run_item(ctx).artifact_key)).metadata
+    engine.unverified_family = "Glm4DecoderLayer"
+    result = pipeline.run_item(ctx)
+    assert read_persona_artifact(ctx.store.get_bytes(result.artifact_key)).metadata[
+        "unverified_family"] == "Glm4DecoderLayer"
+    extra = {e["key"].rsplit(".", 1)[1]: e["key"] for e in result.extra}
+    assert json.loads(ctx.store.get_bytes(extra["json"]))["unverified_family"] == \
+        "Glm4DecoderLayer"
+    pt = torch.load(io.BytesIO(ctx.store.get_bytes(extra["pt"])), weights_only=True)
+    assert pt["metadata"]["unverified_family"] == "Glm4DecoderLayer"
+    assert result.info["unverified_family"] == "Glm4DecoderLayer"
+
+    ctx, engine, *_ = make_ctx(kind="rollout", capture=True)
+    engine.unverified_family = "Glm4DecoderLayer"
+    result = pipeline.run_item(ctx)
+    lines = [json.loads(x) for x in ctx.store.get_bytes(result.artifact_key).decode().splitlines()]
+    assert lines and all(x["unverified_family"] == "Glm4DecoderLayer" for x in lines)
+    path = tmp_path / "act.safetensors"
+    path.write_bytes(ctx.store.get_bytes(result.extra[0]["key"]))
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["unverified_family"] == "Glm4DecoderLayer"
+    assert result.info["unverified_family"] == "Glm4DecoderLayer"

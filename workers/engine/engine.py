@@ -3,10 +3,14 @@ capture spec (see :mod:`.extension` for what runs inside vLLM's worker).
 
 Why it refuses rather than degrades: every way this can silently go wrong was measured here
 (DESIGN.md) — hooks that never fire under torch.compile, Model Runner V2 with no
-``input_batch``, prefix-cache hits that drop captured prompt rows. So the engine checks the
-runner and the model's layer shape at start, runs a self-test request whose hooks must fire,
-and after every ``generate`` raises for any request that asked for steering or capture and was
-never touched by a hook.
+``input_batch``, prefix-cache hits that drop captured prompt rows, decoder layers whose output
+is not ``(delta, residual)`` (Cohere, Exaone4). So the engine checks the runner, the model's
+layer shape and its layer class (:mod:`.families`) at start, runs a self-test request whose
+hooks must fire while a probe checks that each layer's ``residual + delta`` is the stream the
+next layer reads (:mod:`.contract`), and after every ``generate`` raises for any request that
+asked for steering or capture and was never touched by a hook. Every refusal is an
+:class:`EngineError`, including those raised inside vLLM's worker (``collective_rpc`` hands
+them back as bare ``Exception``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Sequence
 from typing import Self
 
 from workers import gpu
+from workers.engine import families
+from workers.engine.contract import tolerance
 from workers.engine.runner import V2_ENV
 from workers.engine.spec import (
     WIRE_KEY,
@@ -41,6 +47,15 @@ F32_ENV = "TRITON_F32_DEFAULT"  # Triton's default precision for fp32 dots: tf32
 
 class EngineError(RuntimeError):
     """The engine cannot serve, or a request went wrong inside it (the message names it)."""
+
+
+class StreamContractError(EngineError):
+    """A decoder layer's ``residual + delta`` is not the stream the next layer reads;
+    ``stream_check`` holds the probe's worst relative change per consumer."""
+
+    def __init__(self, message: str, stream_check: dict[str, float] | None = None):
+        super().__init__(message)
+        self.stream_check = dict(stream_check or {})
 
 
 class HooksNotFiredError(EngineError):
@@ -84,13 +99,18 @@ class SteeringEngine:
 
     ``VLLM_USE_V2_MODEL_RUNNER`` is set to ``0`` before vLLM starts unless already set: the
     hooks need the V1 model runner (:mod:`.runner`); any other runner is refused.
+
+    ``allow_unverified_family`` serves a decoder-layer class outside :data:`families.VERIFIED`
+    (for experiments); the class is then in ``unverified_family``, which the caller must
+    record with every result. The stream check runs either way.
     """
 
     def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.85, enforce_eager: bool = True,
                  tensor_parallel_size: int = 1, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 load_format: str = "auto", seed: int = 0, **llm_kwargs):
+                 load_format: str = "auto", seed: int = 0,
+                 allow_unverified_family: bool = False, **llm_kwargs):
         os.environ.setdefault(V2_ENV, "0")
         # Spawn, never fork: any torch.cuda call in this process (even is_available) poisons a
         # forked engine core ("Cannot re-initialize CUDA in forked subprocess", seen on an H200).
@@ -108,6 +128,8 @@ class SteeringEngine:
         self.memory_after: dict | None = None
         self._calls = 0
         self._llm = None
+        self.unverified_family: str | None = None  # the layer class(es) served unverified
+        self.stream_check: dict = {}  # consumer -> worst relative change (self-test probe)
         kwargs = {"model": model, "dtype": dtype, "max_model_len": max_model_len,
                       "gpu_memory_utilization": gpu_memory_utilization,
                       "enforce_eager": enforce_eager, "tensor_parallel_size": tensor_parallel_size,
@@ -127,11 +149,13 @@ class SteeringEngine:
         self._llm = LLM(**kwargs)
         try:
             self._check_scheduler()
-            info = self._llm.collective_rpc("steering_install")[0]
+            info = self._rpc("steering_install")[0]
             self.runner_kind: str = info["runner_kind"]
             self.num_layers: int = int(info["num_layers"])
             self.hidden_size: int = int(info["hidden_size"])
             self.model_class: str = info["model_class"]
+            self.layer_classes: list[str] = list(info["layer_classes"])
+            self._check_family(allow_unverified_family)
             self.self_test()
         except BaseException:
             self.shutdown()
@@ -154,9 +178,33 @@ class SteeringEngine:
         self.shutdown()
 
     # ---- serving ----------------------------------------------------------------------
+    def _rpc(self, method: str, *args) -> list:
+        """``collective_rpc`` whose failures are :class:`EngineError` (vLLM re-raises an
+        error inside its worker as a bare ``Exception`` carrying the message)."""
+        try:
+            return self._llm.collective_rpc(method, args=args)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"{self.model}: {method} failed in the vLLM worker: "
+                              f"{exc}") from exc
+
+    def _check_family(self, allow_unverified: bool) -> None:
+        try:
+            self.unverified_family = families.check(self.model_class, self.layer_classes,
+                                                    allow_unverified=allow_unverified)
+        except families.UnverifiedFamily as exc:
+            raise EngineError(str(exc)) from None
+        if self.unverified_family:
+            log.warning("%s: serving unverified decoder layer class %s (%s=True); results "
+                        "record unverified_family", self.model, self.unverified_family,
+                        families.SETTING)
+
     def self_test(self) -> None:
-        """Refuse to serve unless a capture request sees every layer hook fire."""
+        """Refuse to serve unless a capture request sees every layer hook fire and every
+        layer's ``residual + delta`` is the stream the next layer reads."""
         spec = RequestSpec(capture=CaptureSpec(), key="self-test")
+        self._rpc("steering_stream_check", True)
         try:
             res = self.generate([[1, 2, 3, 4]], SamplingOptions(max_tokens=2, ignore_eos=True),
                                 [spec])[0]
@@ -165,10 +213,45 @@ class SteeringEngine:
                 f"{self.model_class}: the steering hooks did not fire in the start-up self-test "
                 f"({exc}); vLLM is probably running a compiled graph. Start the engine with "
                 "enforce_eager=True.") from None
+        finally:
+            reports = self._rpc("steering_stream_check", False)
         if res.hook_calls < self.num_layers:
             raise HooksNotFiredError(
                 f"{self.model_class}: only {res.hook_calls} of {self.num_layers} layer hooks "
                 "fired in the self-test; start the engine with enforce_eager=True")
+        self._check_stream(reports)
+
+    def _check_stream(self, reports: list[dict]) -> None:
+        """Refuse when a layer's output, split differently with the same ``residual +
+        delta``, changed what reads it (see :mod:`.contract`), or could not be probed."""
+        worst: dict[str, float] = {}
+        producer: dict[str, tuple[int, str]] = {}
+        for rep in reports:
+            for name, err in rep["errors"].items():
+                raise StreamContractError(
+                    f"model {self.model_class}: the start-up stream check could not probe "
+                    f"{name} ({err.splitlines()[0]}), so it cannot tell whether "
+                    f"{'/'.join(self.layer_classes)} returns (delta, residual); refusing to "
+                    "serve")
+            for name, dev in rep["worst"].items():
+                worst[name] = max(worst.get(name, 0.0), dev)
+            producer.update({k: tuple(v) for k, v in rep["producer"].items()})
+        if self.num_layers > 1 and not any(name.startswith("layer") for name in worst):
+            raise StreamContractError(f"model {self.model_class}: the start-up stream check "
+                                      "saw no layer input; refusing to serve")
+        self.stream_check = worst
+        tol = tolerance(reports[0]["dtype"] or "float32")
+        bad = {name: dev for name, dev in worst.items() if dev > tol}
+        if bad:
+            name, dev = max(bad.items(), key=lambda kv: kv[1])
+            index, cls = producer[name]
+            raise StreamContractError(
+                f"model {self.model_class}: decoder layer {index} ({cls}) does not return "
+                f"(delta, residual): moving a random vector from its residual into its delta "
+                f"(residual + delta unchanged) changed the output of {name} by {dev:.3g} of "
+                f"its scale (tolerance {tol:g}; {len(bad)} of {len(worst)} consumers over it). "
+                "residual + delta is not the stream the next layer starts from, so captures "
+                "and cap/ablate steering would be wrong; refusing to serve", worst)
 
     def _check_scheduler(self) -> None:
         sched = getattr(getattr(self._llm.llm_engine, "vllm_config", None), "scheduler_config",
@@ -225,9 +308,9 @@ class SteeringEngine:
                 item["cache_salt"] = key
             inputs.append(item)
             params.append(self._params(options, spec, uid, _max_tokens, plen, key))
-        self._llm.collective_rpc("steering_reset")
+        self._rpc("steering_reset")
         if register:
-            self._llm.collective_rpc("steering_register", args=(register,))
+            self._rpc("steering_register", register)
         try:
             outs = self._llm.generate(inputs, params, use_tqdm=False)
         except Exception as exc:
@@ -236,7 +319,7 @@ class SteeringEngine:
                                      batch_size=len(prompts), memory=_gpu_memory()) from exc
             raise
         active = [uid for uid, s in zip(uids, specs) if s is not None and s.active]
-        per_rank = self._llm.collective_rpc("steering_collect", args=(active,)) if active else [{}]
+        per_rank = self._rpc("steering_collect", active) if active else [{}]
         return self._results(outs, specs, uids, per_rank)
 
     def _results(self, outs, specs, uids, per_rank) -> list[GenResult]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from workers.engine import runner as rn
+from workers.engine.contract import StreamProbe
 from workers.engine.ops import CompiledOps
 from workers.engine.spec import WIRE_KEY, RequestSpec, SteerOp
 
@@ -87,6 +88,7 @@ class _State:
         self.plan: _Plan | None = None
         self.handles: list = []
         self.global_errors: list[str] = []
+        self.probe: StreamProbe | None = None
 
     # ---- request registry -------------------------------------------------------------
     def lookup(self, req_id: str) -> _Req | None:
@@ -350,10 +352,25 @@ class SteeringExtension:
                     "stream ((delta, residual) tuple), so steering and capture cannot hook it")
             self._chatspace = state
             self.steering_hooks(True)
+        classes = list(dict.fromkeys(type(layer).__name__ for layer in state.layers))
         return {"runner_kind": state.kind, "num_layers": len(state.layers),
                 "hidden_size": state.hidden, "device": str(state.device),
-                "layer_class": type(state.layers[0]).__name__,
+                "layer_class": classes[0], "layer_classes": classes,
                 "model_class": type(rn.top_model(state.runner)).__name__}
+
+    def steering_stream_check(self, enabled: bool) -> dict | None:
+        """Arm (True) or disarm (False) the stream-contract probe (:mod:`.contract`) around
+        the engine's self-test; disarming returns what it measured."""
+        state: _State = self._chatspace
+        if state.probe is not None:
+            report = state.probe.remove()
+            state.probe = None
+        else:
+            report = None
+        if enabled:
+            state.probe = StreamProbe(state.layers, rn.final_norm(state.runner))
+            return None
+        return report
 
     def steering_hooks(self, enabled: bool) -> int:
         """(Un)register the hooks; returns how many are registered. Used by tests to prove

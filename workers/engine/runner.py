@@ -78,6 +78,13 @@ def decoder_layers(runner) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def final_norm(runner) -> torch.nn.Module | None:
+    """The norm after the last decoder layer (``model.model.norm``), None when there is none:
+    the last layer's ``(delta, residual)`` goes there, so the stream check probes it."""
+    norm = getattr(getattr(top_model(runner), "model", None), "norm", None)
+    return norm if isinstance(norm, torch.nn.Module) else None
+
+
 def top_model(runner) -> torch.nn.Module:
     return runner.get_model() if hasattr(runner, "get_model") else runner.model
 

@@ -22,6 +22,14 @@ from pathlib import Path
 from jobspec.tiny import TINY_HIDDEN, TINY_LAYERS, TINY_PREFIX
 
 FAMILIES = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3")
+# Built for the layer-contract tests (tests/engine/test_vllm_families.py): more verified
+# layer classes and configs (sliding window, MoE, rope scaling with tied embeddings, binding
+# soft-caps), and families the engine refuses (Cohere, Exaone4, PhiMoE) or serves only as
+# unverified (GLM-4). Their chat templates are ChatML (Llama's for llama3): what these tests
+# check is the layers' arithmetic, not the families' chat formats.
+MORE_FAMILIES = ("mistral", "phi3", "qwen2_moe", "qwen3_moe", "llama3", "gemma2_softcap",
+                 "cohere", "cohere2", "exaone4", "phimoe", "glm4")
+_VLLM_ARCH = {"phimoe": "PhiMoEForCausalLM"}  # transformers saves PhimoeForCausalLM
 _STAMP = "tiny_model.json"  # written last: a directory without it is an unfinished build
 _FORMAT = 1  # bump when the build recipe changes so cached models are rebuilt
 
@@ -101,14 +109,16 @@ _CHATS = {
                    extra=("<|start_header_id|>", "<|end_header_id|>"), template=_LLAMA_TEMPLATE),
     "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3": _GEMMA,
 }
+_CHATS.update({f: _CHATS["qwen2"] for f in MORE_FAMILIES})
+_CHATS.update(llama3=_CHATS["llama"], gemma2_softcap=_GEMMA)
 
 
 def family_of(name: str) -> str:
     """``tiny:qwen3`` → ``qwen3``; raises ValueError naming the families for anything else."""
     family = name.removeprefix(TINY_PREFIX)
-    if family not in FAMILIES:
+    if family not in FAMILIES and family not in MORE_FAMILIES:
         raise ValueError(f"model: unknown tiny model {name!r}; use tiny:<family> with family one "
-                         f"of {', '.join(FAMILIES)}")
+                         f"of {', '.join(FAMILIES + MORE_FAMILIES)}")
     return family
 
 
@@ -167,7 +177,45 @@ def build_config(family: str, *, num_layers: int = TINY_LAYERS,
                    for i in range(num_layers)]
     if family == "gemma2":
         return tf.Gemma2Config(**common, query_pre_attn_scalar=head_dim, layer_types=layer_types)
-    return tf.Gemma3TextConfig(**common, query_pre_attn_scalar=head_dim, layer_types=layer_types)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**common, query_pre_attn_scalar=head_dim,
+                                   layer_types=layer_types)
+    return _more_config(tf, family, common, layer_types)
+
+
+def _more_config(tf, family: str, common: dict, layer_types: list[str]):
+    """Configs of :data:`MORE_FAMILIES`, each set so the feature it is there for is exercised
+    at toy size (a window shorter than the test prompts, soft-caps that bind on activations
+    of this scale, llama3 scaling with a short original context)."""
+    untied = {**common, "tie_word_embeddings": False}
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+    if family == "mistral":
+        return tf.MistralConfig(**untied, sliding_window=48)
+    if family == "phi3":
+        return tf.Phi3Config(**untied)
+    if family == "qwen2_moe":  # layer 1 dense (mlp_only_layers): both MLP paths run
+        return tf.Qwen2MoeConfig(**untied, **moe, shared_expert_intermediate_size=128,
+                                 mlp_only_layers=[1])
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**untied, **moe, norm_topk_prob=True)
+    if family == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}
+        return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=rope)
+    if family == "gemma2_softcap":  # attention logits here are ~0.3, final logits ~0.6
+        return tf.Gemma2Config(**common, query_pre_attn_scalar=common["head_dim"],
+                               layer_types=layer_types, attn_logit_softcapping=0.5,
+                               final_logit_softcapping=1.0)
+    if family == "cohere":
+        return tf.CohereConfig(**common)
+    if family == "cohere2":
+        return tf.Cohere2Config(**common, layer_types=layer_types)
+    if family == "exaone4":
+        return tf.Exaone4Config(**untied)
+    if family == "phimoe":
+        return tf.PhimoeConfig(**untied, num_local_experts=4, num_experts_per_tok=2)
+    return tf.Glm4Config(**untied)
 
 
 def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0,
@@ -200,6 +248,10 @@ def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if family in _VLLM_ARCH:  # vLLM registers the original checkpoint's spelling
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["architectures"] = [_VLLM_ARCH[family]]
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         tokenizer.save_pretrained(tmp)
         (tmp / _STAMP).write_text(json.dumps({"family": family, "seed": seed, "format": _FORMAT,
                                               "num_layers": num_layers}))
