@@ -13,6 +13,9 @@ idle cores); tolerance and helpers as in ``test_vllm_parity``.
 from __future__ import annotations
 
 import importlib
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +32,7 @@ from tests.engine.test_vllm_parity import (
 from workers.engine import families
 from workers.engine.contract import tolerance
 from workers.engine.engine import EngineError, SteeringEngine, StreamContractError
-from workers.engine.hf import HFBackend
+from workers.engine.hf import HFBackend, rel_err
 from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions
 
 pytestmark = pytest.mark.engine
@@ -46,6 +49,20 @@ MODULES = {"Qwen2DecoderLayer": "qwen2", "Qwen3DecoderLayer": "qwen3",
            "Qwen3MoeDecoderLayer": "qwen3_moe", "CohereDecoderLayer": "commandr",
            "Exaone4DecoderLayer": "exaone4", "PhiMoEDecoderLayer": "phimoe"}
 ENGINE = {"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.1}
+FIGURES_ENV = "CHATSPACE_TEST_FIGURES"  # a folder: the parity table goes to families.jsonl
+
+
+def _record(**figures) -> None:
+    """The measured figures (the closing note's parity table), pass or fail, when asked."""
+    out = os.environ.get(FIGURES_ENV)
+    if out:
+        with open(Path(out) / "families.jsonl", "a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
+def _worst(got, ref) -> float:
+    """Worst ``hf.rel_err`` over the captures' span means (all layers at once)."""
+    return max(rel_err(g.means[s], r.means[s]) for g, r in zip(got, ref) for s in SPANS)
 
 
 def test_every_listed_class_exists_in_vllm():
@@ -69,22 +86,33 @@ def test_new_family_parity(pair):
     """Served as verified, stream check at fp32 rounding, and capture (chunked prefill,
     concurrent requests) and every steering op equal transformers."""
     family, eng, hf = pair
-    assert eng.layer_classes == [NEW[family]]
-    assert eng.unverified_family is None
-    assert max(eng.stream_check.values()) < tolerance("float32") / 100
+    figures = {"family": family, "layer_classes": eng.layer_classes, "dtype": "float32",
+               "stream_check": max(eng.stream_check.values())}
     prompts = _prompts([100, 160, 220, 300, 12], seed=1)
     res = eng.generate(prompts, SamplingOptions(max_tokens=6, ignore_eos=True),
                        [RequestSpec(capture=CaptureSpec()) for _ in prompts])
+    seqs = [p + r.token_ids[:-1] for p, r in zip(prompts, res)]
+    refs = hf.capture(seqs, RequestSpec(capture=CaptureSpec()),
+                      prompt_lens=[len(p) for p in prompts])
+    figures["capture_rel_err"] = _worst([r.capture for r in res], refs)
+    prompts2 = _prompts([40, 70, 100, 55, 130, 85, 60, 90], seed=4)
+    specs = _steering_specs(eng, hf, prompts2[0])
+    opts = SamplingOptions(max_tokens=8, ignore_eos=True)
+    got, ref = eng.generate(prompts2, opts, specs), hf.generate(prompts2, opts, specs)
+    figures["steered_rel_err"] = _worst(
+        [g.capture for g, s in zip(got, specs) if s and s.capture],
+        [h.capture for h, s in zip(ref, specs) if s and s.capture])
+    figures["same_tokens"] = sum(g.token_ids == h.token_ids for g, h in zip(got, ref))
+    _record(**figures)
+    assert eng.layer_classes == [NEW[family]]
+    assert eng.unverified_family is None
+    assert figures["stream_check"] < tolerance("float32") / 100
     _check_against_hf(hf, prompts, res)
     with torch.no_grad():
         hs = hf.model(torch.tensor([prompts[1]]), output_hidden_states=True).hidden_states
     for layer in range(eng.num_layers - 1):
         _close(res[1].capture.means["prompt"][layer], hs[layer + 1][0].mean(0),
                f"{family} layer {layer} vs output_hidden_states")
-    prompts = _prompts([40, 70, 100, 55, 130, 85, 60, 90], seed=4)
-    specs = _steering_specs(eng, hf, prompts[0])
-    opts = SamplingOptions(max_tokens=8, ignore_eos=True)
-    got, ref = eng.generate(prompts, opts, specs), hf.generate(prompts, opts, specs)
     for r, h, s in zip(got, ref, specs):
         name = s.key if s else "plain"
         assert r.token_ids == h.token_ids, f"{family} {name}: different tokens"
@@ -110,6 +138,8 @@ def test_stream_check_refuses_wrong_contract_even_when_allowed(tiny_model, famil
     boundary's output moves with the residual/delta split by about the stream's size."""
     with pytest.raises(StreamContractError) as err:
         SteeringEngine(str(tiny_model(family)), allow_unverified_family=True, **ENGINE)
+    _record(family=family, layer_classes=[cls], refused=str(err.value),
+            stream_check=err.value.stream_check)
     assert f"({cls}) does not return (delta, residual)" in str(err.value)
     layers = {k: v for k, v in err.value.stream_check.items() if k.startswith("layer")}
     assert len(layers) == 3 and min(layers.values()) > 100 * tolerance("bfloat16")
@@ -121,6 +151,8 @@ def test_unverified_family_served_when_allowed_and_named(tiny_model):
     ``unverified_family`` for the artifacts to record."""
     eng = SteeringEngine(str(tiny_model("glm4")), allow_unverified_family=True, **ENGINE)
     try:
+        _record(family="glm4", layer_classes=eng.layer_classes,
+                unverified_family=eng.unverified_family, stream_check=eng.stream_check)
         assert eng.unverified_family == "Glm4DecoderLayer"
         assert max(eng.stream_check.values()) < tolerance("float32") / 100
         res = eng.generate([[5, 6, 7, 8, 9]], SamplingOptions(max_tokens=2, ignore_eos=True),
