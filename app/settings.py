@@ -65,6 +65,27 @@ class EngineSettings(BaseSettings):
     allow_unverified_family: bool = False
 
 
+class JudgeSettings(BaseSettings):
+    """The LLM judge: any OpenAI-compatible chat endpoint (OpenAI itself, ``vllm serve``, a
+    gateway). ``model`` is the default a job's ``--judge`` overrides; the key is a secret and
+    never leaves this object except into the client's Authorization header."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATSPACE_JUDGE_", extra="ignore")
+
+    base_url: str | None = None  # e.g. http://127.0.0.1:8001/v1 ; None = the client's default
+    model: str | None = None
+    api_key: SecretStr | None = None
+    max_concurrency: int = 16  # requests in flight per worker
+    max_retries: int = 5  # the openai client's own retries (429 with Retry-After, 5xx, timeouts)
+    timeout_s: float = 60.0
+    reply_retries: int = 2  # extra asks for a reply that does not parse or a refusal to judge
+    max_tokens: int = 10  # as 3_judge.py / 4_judge.py
+    temperature: float | None = None  # None: the scale's (traits 0.0, roles 1.0, as published)
+    # Send the scale as a guided choice (vLLM's ``structured_outputs``); only for servers
+    # that accept it: OpenAI itself rejects unknown fields.
+    structured_outputs: bool = False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATSPACE_", extra="ignore")
 
@@ -99,6 +120,7 @@ class Settings(BaseSettings):
 
     s3: S3Settings = Field(default_factory=S3Settings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
 
     @property
     def embedded(self) -> bool:
