@@ -86,7 +86,7 @@ class PersonaJudgement:
 
     def summary(self) -> dict:
         retried = Counter(o for s in self.samples for o in s.retried)
-        return {"samples": len(self.samples), "requests": self.requests,
+        return {"n_samples": len(self.samples), "requests": self.requests,
                 "asks": sum(s.attempts for s in self.samples), "counts": self.counts(),
                 "retried": {o: retried.get(o, 0) for o in sorted(RETRIED)},
                 "tokens": self.tokens(), "usage_missing": self.usage_missing}
@@ -195,16 +195,16 @@ def summarize(judgements: Iterable[PersonaJudgement | dict], *, model: str | Non
     personas: dict[str, dict] = {}
     for j in judgements:
         d = j.detail() if isinstance(j, PersonaJudgement) else j
-        personas[d["persona"]] = {k: d[k] for k in ("samples", "requests", "asks", "counts",
+        personas[d["persona"]] = {k: d[k] for k in ("n_samples", "requests", "asks", "counts",
                                                     "retried", "tokens", "usage_missing")}
         model = model or d.get("judge_model")
         base_url = base_url or d.get("base_url")
-    total: dict = {"samples": 0, "requests": 0, "asks": 0, "usage_missing": 0,
+    total: dict = {"n_samples": 0, "requests": 0, "asks": 0, "usage_missing": 0,
                    "counts": dict.fromkeys(OUTCOMES, 0),
                    "retried": dict.fromkeys(sorted(RETRIED), 0),
                    "tokens": {"prompt": 0, "completion": 0, "total": 0}}
     for p in personas.values():
-        for k in ("samples", "requests", "asks", "usage_missing"):
+        for k in ("n_samples", "requests", "asks", "usage_missing"):
             total[k] += p[k]
         for group in ("counts", "retried"):
             for k, v in p[group].items():
