@@ -107,8 +107,8 @@ def create_job(session: Session, *, kind: str, dataset: str, model: str, dtype: 
               artifact_prefix=artifact_prefix, created_at=now, updated_at=now)
     session.add(job)
     session.flush()
-    session.add_all(JobItem(job_id=job.id, persona=p, position=i, state=ItemState.QUEUED.value)
-                    for i, p in enumerate(personas))
+    session.add_all(JobItem(job_id=job.id, stage=kind, persona=p, position=i,
+                            state=ItemState.QUEUED.value) for i, p in enumerate(personas))
     _event(session, job_id=job.id, kind="state", to_state=JobState.QUEUED.value,
            message="submitted", data={"items": len(personas), "queue": queue})
     return job

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, synonym
 
-from app.states import FailureKind, ItemState, JobKind, JobState, WorkerState
+from app.states import FailureKind, ItemState, JobKind, JobState, Stage, WorkerState
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -97,12 +97,14 @@ class Job(Base):
 
 
 class JobItem(Base):
-    """One persona of a job: the unit of progress, retry and resume."""
+    """One (stage, persona) of a job: the unit of progress, retry and resume. Capture and
+    rollout jobs have one stage (their kind); pipeline jobs one row per stage and persona."""
 
     __tablename__ = "job_items"
     __table_args__ = (
-        UniqueConstraint("job_id", "persona"),
+        UniqueConstraint("job_id", "stage", "persona"),
         CheckConstraint(_in("state", ItemState), name="state"),
+        CheckConstraint(_in("stage", Stage), name="stage"),
         CheckConstraint(f"failure_kind IS NULL OR {_in('failure_kind', FailureKind)}",
                         name="failure_kind"),
         CheckConstraint("attempt >= 0", name="attempt"),
@@ -116,6 +118,7 @@ class JobItem(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(16))
     persona: Mapped[str] = mapped_column(String(200))
     position: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), default=ItemState.QUEUED.value)

@@ -39,6 +39,21 @@ class FailureKind(StrEnum):
 class JobKind(StrEnum):
     CAPTURE = "capture"
     ROLLOUT = "rollout"
+    PIPELINE = "pipeline"  # the research chain: generate -> capture -> judge -> vectors -> axis
+
+
+class Stage(StrEnum):
+    """What an item computes. A capture or rollout job has one item per persona whose stage
+    is the job's kind; a pipeline job has one item per (stage, persona), plus one per job for
+    the stages over the whole dataset (see :mod:`app.stages`)."""
+
+    CAPTURE = "capture"
+    ROLLOUT = "rollout"
+    GENERATE = "generate"
+    JUDGE = "judge"
+    MINILM = "minilm"
+    VECTORS = "vectors"
+    AXIS = "axis"
 
 
 class WorkerState(StrEnum):

@@ -41,9 +41,35 @@ def run_offline() -> None:
 
 
 def _run(connection) -> None:
-    _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
-    with context.begin_transaction():
-        context.run_migrations()
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table by dropping it; with foreign keys on, that drop runs
+        # the children's ON DELETE actions (items, events and artifacts of every job lost).
+        # SQLite changes this pragma only outside a transaction: set it on the raw
+        # connection before the migration's transaction begins, and check the keys after.
+        _pragma(connection, "PRAGMA foreign_keys=OFF")
+    try:
+        _configure(connection=connection, render_as_batch=sqlite)
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        if sqlite:
+            _pragma(connection, "PRAGMA foreign_keys=ON")
+    if sqlite:
+        bad = _pragma(connection, "PRAGMA foreign_key_check")
+        if bad:
+            raise RuntimeError(f"foreign keys broken after migrating: {bad[:5]}")
+
+
+def _pragma(connection, sql: str) -> list:
+    raw = connection.connection.dbapi_connection
+    if raw.in_transaction:
+        raise RuntimeError(f"{sql} needs to run outside a transaction")
+    cur = raw.execute(sql)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
 
 def run_online() -> None:
