@@ -223,6 +223,8 @@ def progress(session: Session, *, job_id: str | None = None, item_id: int | None
     items = session.execute(select(JobItem).where(JobItem.job_id == job.id)
                             .order_by(JobItem.position)).scalars().all()
     counts = Counter(i.state for i in items)
+    from app.stages import stage_progress
+
     return {
         "job_id": job.id, "state": job.state, "failure_kind": job.failure_kind,
         "cancel_requested": job.cancel_requested, "items_total": job.items_total,
@@ -230,7 +232,9 @@ def progress(session: Session, *, job_id: str | None = None, item_id: int | None
         "counts": {s.value: counts.get(s.value, 0) for s in ItemState},
         "samples_done": sum(i.samples_done for i in items),
         "samples_total": sum(i.samples_total or 0 for i in items),
-        "items": [{"id": i.id, "persona": i.persona, "state": i.state, "attempt": i.attempt,
+        "stages": stage_progress(session, job_id=job.id),
+        "items": [{"id": i.id, "stage": i.stage, "persona": i.persona, "state": i.state,
+                   "attempt": i.attempt,
                    "worker": i.lease_owner, "samples_done": i.samples_done,
                    "samples_total": i.samples_total, "batch_size": i.batch_size,
                    "failure_kind": i.failure_kind, "error": i.error,
@@ -333,6 +337,10 @@ def claim_item(session: Session, *, job_id: str, worker: str, lease_s: float) ->
     job = get_job(session, job_id=job_id)
     if job.state not in JOB_ACTIVE or job.cancel_requested:
         return None
+    if job.kind == JobKind.PIPELINE.value:  # items wait for the stages they need
+        from app import stages
+
+        return stages.claim(session, job=job, worker=worker, lease_s=lease_s)
     q = (select(JobItem.id).where(JobItem.job_id == job.id,
                                   JobItem.state == ItemState.QUEUED.value)
          .order_by(JobItem.position, JobItem.id).limit(1))
@@ -487,6 +495,10 @@ def finish_job_if_done(session: Session, *, job_id: str,
     job = get_job(session, job_id=job_id)
     if job.state not in JOB_ACTIVE:
         return None
+    if job.kind == JobKind.PIPELINE.value and not job.cancel_requested:
+        from app import stages
+
+        stages.fail_blocked(session, job_id=job.id)  # what needs a failed item never runs
     counts = _item_counts(session, job.id)
     if counts[ItemState.RUNNING.value]:
         return None
