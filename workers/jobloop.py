@@ -83,6 +83,10 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
         kind, dataset, model, dtype = job.kind, job.dataset, job.model, job.dtype
         params = JobParams.from_dict(job.params)
         prefix = recorded_prefix(job, settings)
+    if kind == "pipeline":  # one item per (stage, persona): its own loop
+        from workers.pipeline_job import run_pipeline_job
+
+        return run_pipeline_job(job_id, worker=worker)
 
     def event(kind_: str, data: dict) -> None:
         with session_scope() as s:

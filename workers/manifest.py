@@ -53,7 +53,7 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
     for item in sorted(items, key=lambda i: i.persona):
         info = infos.get(item.artifact_key, {})
         entries.append({"key": item.artifact_key, "sha256": item.artifact_sha256,
-                        "persona": item.persona, "kind": "persona",
+                        "persona": item.persona, "stage": item.stage, "kind": "persona",
                         "shapes": info.get("shapes"), "layers": info.get("layers"),
                         "n_samples": info.get("n_samples"), "dtype": info.get("dtype")})
         for extra in info.get("extra") or []:
