@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 def run_pipeline_job(job_id: str, *, worker) -> dict:
     from app import jobs
+    from app.artifacts import job_prefix
     from app.db import session_scope
     from app.models import Job
     from app.stages import ENGINE_STAGES
@@ -41,7 +42,9 @@ def run_pipeline_job(job_id: str, *, worker) -> dict:
         if job is None or job.state not in ("queued", "running"):
             return {"job_id": job_id, "ran": 0, "reason": "not runnable"}
         dataset, model, dtype = job.dataset, job.model, job.dtype
-        params, prefix = dict(job.params or {}), job.artifact_prefix
+        params = dict(job.params or {})
+        prefix = job.artifact_prefix or job_prefix(settings, model=model, dataset=dataset,
+                                                   dtype=dtype, job_id=job_id)
 
     def event(kind_: str, data: dict) -> None:
         with session_scope() as s:
