@@ -339,21 +339,27 @@ def _axis(ctx: StageContext) -> StageResult:
                           "application/json"))
     report: dict = {"kind": dataset.kind, "roles": [], "left_out": {}}
     tensors: dict[str, np.ndarray] = {}
-    default_mean = None
+    default_rows: dict[str, np.ndarray] = {}  # default-label samples, once per key
     role_vectors = []
     for persona in dataset.personas:
         key = f"{ctx.prefix}/vectors/{persona}.safetensors"
         if not ctx.store.exists(key):
             continue
         vecs = load(ctx.store.get_bytes(key))
+        art = _read_activations(ctx, persona)
+        for k, row in zip(art.keys, art.activations):
+            if persona == "default" or k.startswith("default_"):
+                default_rows.setdefault(k, row.astype(np.float64))
         if persona == "default":
-            art = _read_activations(ctx, persona)
-            default_mean = art.activations.astype(np.float64).mean(axis=0)
-        elif "pos_3" in vecs:
+            continue
+        if "pos_3" in vecs:
             role_vectors.append(vecs["pos_3"].astype(np.float64))
             report["roles"].append(persona)
         else:
             report["left_out"][persona] = "no pos_3 vector (too few score-3 samples)"
+    # 4_vectors.py: the default role's vector is the mean of all its activations
+    default_mean = np.mean(list(default_rows.values()), axis=0) if default_rows else None
+    report["default_samples"] = len(default_rows)
     if dataset.kind == "roles" and default_mean is not None and role_vectors:
         role_mean = np.mean(role_vectors, axis=0)
         tensors = {"axis": (default_mean - role_mean).astype(np.float32),
