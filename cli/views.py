@@ -95,14 +95,33 @@ def job_detail(job: dict) -> Group:
                          ("finished", job.get("finished_at") or "-"),
                          ("error", job.get("last_error") or "-")):
         head.add_row(label, value if isinstance(value, Text) else str(value))
-    personas = Table(title="personas")
-    for col in ("persona", "state", "samples", "attempt", "worker", "error"):
+    staged = job.get("kind") == "pipeline"
+    personas = Table(title="items" if staged else "personas")
+    for col in (("stage",) if staged else ()) + ("persona", "state", "samples", "attempt",
+                                                  "worker", "error"):
         personas.add_column(col)
     for p in (job.get("progress") or {}).get("personas", []):
-        personas.add_row(p["persona"], _state(p.get("state") or "-"),
+        personas.add_row(*((p.get("stage") or "-",) if staged else ()), p["persona"],
+                         _state(p.get("state") or "-"),
                          f"{p.get('done') or 0}/{p.get('total') or '?'}", str(p.get("attempt") or 0),
                          p.get("worker") or "-", p.get("error") or "")
-    return Group(head, progress_view([job]), personas)
+    parts = [head, progress_view([job])]
+    if staged:
+        parts.append(stages_table((job.get("progress") or {}).get("stages") or {}))
+    return Group(*parts, personas)
+
+
+def stages_table(stages: dict) -> Table:
+    """A pipeline job's progress per stage, in chain order: items by state, samples."""
+    t = Table(title="stages")
+    for col in ("stage", "items", "done", "running", "queued", "failed", "samples"):
+        t.add_column(col)
+    for name, s in stages.items():
+        t.add_row(name, str(s.get("items", 0)), str(s.get("succeeded", 0)),
+                  str(s.get("running", 0)), str(s.get("queued", 0)),
+                  Text(str(s.get("failed", 0)), style="red" if s.get("failed") else ""),
+                  f"{s.get('samples_done', 0)}/{s.get('samples_total', 0)}")
+    return t
 
 
 def events_table(events: list[dict]) -> Table:

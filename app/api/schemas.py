@@ -30,6 +30,7 @@ class ErrorOut(BaseModel):
 
 class PersonaProgress(BaseModel):
     persona: str
+    stage: str | None = None  # a pipeline job's item is one (stage, persona)
     state: str | None = None
     done: int | None = None
     total: int | None = None
@@ -39,6 +40,17 @@ class PersonaProgress(BaseModel):
     error: str | None = None
 
 
+class StageProgress(BaseModel):
+    items: int = 0
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    samples_done: int = 0
+    samples_total: int = 0
+
+
 class Progress(BaseModel):
     items_done: int = 0
     items_total: int = 0
@@ -46,6 +58,8 @@ class Progress(BaseModel):
     samples_total: int = 0
     ooms: int = 0
     personas: list[PersonaProgress] = Field(default_factory=list)
+    stages: dict[str, StageProgress] = Field(
+        default_factory=dict, description="per stage of a pipeline job, in chain order")
 
 
 class JobOut(BaseModel):

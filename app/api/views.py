@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.api.schemas import EventOut, JobOut, PersonaProgress, Progress, WorkerOut
+from app.api.schemas import EventOut, JobOut, PersonaProgress, Progress, StageProgress, WorkerOut
 from app.models import Job, JobEvent, JobItem, Worker
 
 OOM_EVENTS = ("oom_retry", "oom_failed")
@@ -25,13 +25,18 @@ def progress(session: Session, job_id: str) -> Progress:
                             .order_by(JobItem.position)).scalars().all()
     ooms = session.execute(select(func.count()).select_from(JobEvent).where(
         JobEvent.job_id == job_id, JobEvent.kind.in_(OOM_EVENTS))).scalar_one()
-    personas = [PersonaProgress(persona=i.persona, state=i.state, done=i.samples_done,
+    from app.stages import stage_progress
+
+    personas = [PersonaProgress(persona=i.persona, stage=i.stage, state=i.state,
+                                done=i.samples_done,
                                 total=i.samples_total, attempt=i.attempt, worker=i.lease_owner,
                                 artifact_key=i.artifact_key, error=i.error) for i in items]
     return Progress(items_done=sum(i.state == "succeeded" for i in items), items_total=len(items),
                     samples_done=sum(i.samples_done or 0 for i in items),
                     samples_total=sum(i.samples_total or 0 for i in items), ooms=int(ooms),
-                    personas=personas)
+                    personas=personas,
+                    stages={k: StageProgress(**v) for k, v in
+                            stage_progress(session, job_id=job_id).items()})
 
 
 def job_out(job: Job, session: Session | None = None, *, with_progress: bool = True) -> JobOut:
