@@ -120,12 +120,15 @@ def load_responses(ctx: StageContext, persona: str | None = None):
     from app.responses import parse_responses
 
     persona = persona or ctx.persona
-    for key in (responses_key(ctx.prefix, persona), given_key(ctx.prefix, persona)):
+    keys = [responses_key(ctx.prefix, persona), given_key(ctx.prefix, persona)]
+    source = ctx.params.get("responses_prefix")  # set at submit from --responses
+    if source:
+        keys += [responses_key(source, persona), f"{source}/{persona}.jsonl"]
+    for key in keys:
         if ctx.store.exists(key):
             return parse_responses(ctx.store.get_bytes(key).decode().splitlines(), source=key)
     raise SpecInvalid(f"no responses stored for persona {persona!r} (looked for "
-                      f"{responses_key(ctx.prefix, persona)} and {given_key(ctx.prefix, persona)})",
-                      field="responses")
+                      f"{', '.join(keys)})", field="responses")
 
 
 # ---------------------------------------------------------------------------------- stages
