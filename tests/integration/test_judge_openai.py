@@ -79,9 +79,9 @@ def test_500_retried_by_the_client_then_unavailable_when_it_persists():
     with ScriptedServer(lambda req, n: Action(status=500) if n < 2 else Action(text="9")) as srv:
         j = _judge(srv, rs, max_retries=2)
     assert j.scores() == {r.key: 9 for r in rs} and len(srv.received) == 6
-    with ScriptedServer(lambda req, n: Action(status=503)) as srv:
-        with pytest.raises(JudgeUnavailable, match="503"):
-            _judge(srv, rs[:1], max_retries=2)
+    with ScriptedServer(lambda req, n: Action(status=503)) as srv, \
+            pytest.raises(JudgeUnavailable, match="503"):
+        _judge(srv, rs[:1], max_retries=2)
     assert len(srv.received) == 3  # one ask, two client retries, then the stage gives up
 
 
@@ -163,9 +163,9 @@ def test_one_rejected_request_is_recorded_all_rejected_fails():
     rejected = [s for s in j.samples if s.outcome == "rejected"]
     assert len(rejected) == 1 and rejected[0].attempts == 1 and "400" in rejected[0].error
     assert len(j.scores()) == 2
-    with ScriptedServer(lambda req, n: Action(status=400)) as srv:
-        with pytest.raises(JudgeRejected, match="every request"):
-            _judge(srv, rs)
+    with ScriptedServer(lambda req, n: Action(status=400)) as srv, \
+            pytest.raises(JudgeRejected, match="every request"):
+        _judge(srv, rs)
 
 
 def test_missing_usage_is_counted():

@@ -114,8 +114,8 @@ def test_resume_never_repeats_a_finished_item(factory):
 
 
 def test_failed_item_fails_what_needs_it(factory):
-    job_id, items = _job(factory, stage_list=["generate", "capture", "judge", "vectors"],
-                         personas=["a", "b"])
+    job_id, _ = _job(factory, stage_list=["generate", "capture", "judge", "vectors"],
+                     personas=["a", "b"])
     while (c := _claim(factory, job_id)) is not None:
         if c[2] == "judge" and c[3] == "a":
             with session_scope(factory) as s:

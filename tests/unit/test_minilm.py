@@ -41,7 +41,7 @@ def test_out_of_fold_scores_are_not_in_sample():
     near chance -- the reason training rows are scored out of fold."""
     rng = np.random.default_rng(1)
     pos, default = rng.normal(size=(10, EMBED_DIM)), rng.normal(size=(10, EMBED_DIM))
-    clf, oof_pos, oof_def = train(pos, default, seed=0)
+    clf, _, _ = train(pos, default, seed=0)
     assert (clf.score(pos) > 0.5).all() and (clf.score(default) < 0.5).all()
     assert clf.cv_auc < 0.9
 
