@@ -47,6 +47,24 @@ class JobParams(BaseModel):
     capture: StrictBool | None = Field(None, description="rollout: also store activations")
     capture_exact: StrictBool | None = Field(
         None, description="capture with prefix caching off for exact per-token rows")
+    # the research pipeline (kind pipeline; see app/stages.py)
+    judge: str | None = Field(
+        None, max_length=300,
+        description="judge model on the OpenAI-compatible endpoint CHATSPACE_JUDGE_BASE_URL: "
+                    "runs generate -> capture -> judge -> vectors (-> axis for roles)")
+    judge_structured_outputs: StrictBool | None = Field(
+        None, description="restrict the judge's replies to the scale (vLLM servers only)")
+    judge_reply_retries: StrictInt | None = Field(
+        None, ge=0, le=10, description="extra asks for a reply that does not parse")
+    responses: str | None = Field(
+        None, max_length=300,
+        description="capture (and judge) these responses instead of generating: the id of an "
+                    "earlier rollout or pipeline job, or an uploads/ prefix in the store")
+    stages: list[str] | None = Field(
+        None, description="pipeline stages to run: generate, capture, judge, minilm, vectors, "
+                          "axis (default: the chain the other params imply)")
+    min_count: StrictInt | None = Field(
+        None, ge=1, description="samples a vector needs (default: roles 50, traits 1)")
 
     def given(self) -> dict:
         """Only what the submitter wrote (no defaults, no nulls), as plain JSON values."""

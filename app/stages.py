@@ -212,3 +212,114 @@ def stage_progress(session: Session, *, job_id: str) -> dict[str, dict]:
         s["samples_done"] += r.samples_done or 0
         s["samples_total"] += r.samples_total or 0
     return out
+
+
+PIPELINE_PARAMS = ("judge", "responses", "stages", "judge_structured_outputs",
+                   "judge_reply_retries")
+
+
+def check_submit(*, params: dict, dataset, personas: list[str], settings,
+                 session=None) -> list[tuple[str, str]]:
+    """A pipeline job's own checks at submit; fills ``params["stages"]`` (and
+    ``params["responses_prefix"]`` for ``responses``) and returns the planned items.
+
+    Default chain: ``generate`` (or the given responses), ``capture``, ``judge`` when a judge
+    model is named, ``vectors``, and ``axis`` for roles datasets.
+    """
+    judge = params.get("judge") or None
+    responses = params.get("responses") or None
+    wanted = params.get("stages")
+    if wanted is None:
+        wanted = ([] if responses else ["generate"]) + ["capture"] + (
+            ["judge"] if judge else []) + ["vectors"] + (["axis"] if dataset.kind == "roles"
+                                                         else [])
+    wanted = list(dict.fromkeys(wanted))
+    bad = [s for s in wanted if s not in {c.value for c in CHAIN}]
+    if bad or not wanted:
+        raise SpecInvalid(f"unknown stage {bad[0]!r}" if bad else "no stage to run",
+                          field="params.stages",
+                          hint=f"from: {', '.join(c.value for c in CHAIN)}")
+    if "judge" in wanted and not (judge or settings.judge.model):
+        raise SpecInvalid("the judge stage needs a judge model", field="params.judge",
+                          hint="--judge MODEL, or set CHATSPACE_JUDGE_MODEL")
+    if "judge" in wanted and not judge:
+        params["judge"] = settings.judge.model
+    if responses and "generate" in wanted:
+        raise SpecInvalid("given responses replace the generate stage", field="params.stages",
+                          hint="drop generate, or drop --responses")
+    readers = {"capture", "judge", "minilm"} & set(wanted)
+    if readers and "generate" not in wanted and not responses:
+        raise SpecInvalid(f"{', '.join(sorted(readers))} needs responses",
+                          field="params.stages", hint="add generate, or give --responses JOB")
+    for stage, needs in (("vectors", "capture"), ("axis", "vectors")):
+        if stage in wanted and needs not in wanted:
+            raise SpecInvalid(f"the {stage} stage needs the {needs} stage",
+                              field="params.stages", hint=f"add {needs}")
+    if "axis" in wanted and dataset.kind != "roles":
+        raise SpecInvalid("the assistant axis is computed for roles datasets",
+                          field="params.stages", hint=f"{dataset.name} is a {dataset.kind} "
+                                                       "dataset: drop axis")
+    if "judge" in wanted:
+        _check_eval_prompts(dataset, personas)
+    if responses:
+        params["responses_prefix"] = _responses_prefix(responses, personas, settings, session)
+    params["stages"] = wanted
+    return plan(wanted, personas)
+
+
+def _check_eval_prompts(dataset, personas: list[str]) -> None:
+    from app.judge.scales import judge_prompt
+
+    missing, broken = [], []
+    for name in personas:
+        prompt = dataset.persona(name).eval_prompt
+        if not prompt:
+            missing.append(name)
+            continue
+        try:
+            judge_prompt(prompt, question="q", answer="a")
+        except (KeyError, IndexError, ValueError) as exc:
+            broken.append(f"{name} ({type(exc).__name__}: {exc})")
+    if missing:
+        raise SpecInvalid(f"no eval_prompt in persona file(s) {', '.join(missing[:10])}",
+                          field="params.judge", hint="add eval_prompt to those persona "
+                                                     "files, or drop the judge stage")
+    if broken:
+        raise SpecInvalid(f"eval_prompt does not fill with {{question}} and {{answer}}: "
+                          f"{'; '.join(broken[:5])}", field="params.judge",
+                          hint="only {question} and {answer} may be in braces; double "
+                               "other braces ({{ }})")
+
+
+def _responses_prefix(responses: str, personas: list[str], settings, session) -> str:
+    """Where the given responses are: an earlier job's, or an uploads/ prefix. Every
+    persona must have its file there."""
+    from app.artifacts import job_prefix
+    from app.storage import get_store
+
+    store = get_store(settings)
+    if responses.startswith("uploads/"):
+        prefix, layouts = responses.rstrip("/"), ("{p}/{n}.jsonl",)
+    else:
+        src = session.get(Job, responses) if session is not None else None
+        if src is None:
+            raise SpecInvalid(f"no job {responses!r}", field="params.responses",
+                              hint="the id of a succeeded rollout or pipeline job")
+        if src.state != JobState.SUCCEEDED.value or src.kind not in (JobKind.ROLLOUT.value,
+                                                                     JobKind.PIPELINE.value):
+            raise SpecInvalid(f"job {responses} is a {src.state} {src.kind} job",
+                              field="params.responses",
+                              hint="use a succeeded rollout job or a pipeline job that ran "
+                                   "generate")
+        prefix = src.artifact_prefix or job_prefix(settings, model=src.model,
+                                                   dataset=src.dataset, dtype=src.dtype,
+                                                   job_id=src.id)
+        layouts = ("{p}/responses/{n}.jsonl",) if src.kind == JobKind.PIPELINE.value \
+            else ("{p}/{n}.jsonl",)
+    missing = [n for n in personas
+               if not any(store.exists(lay.format(p=prefix, n=n)) for lay in layouts)]
+    if missing:
+        raise SpecInvalid(f"no responses for persona(s) {', '.join(missing[:10])} under "
+                          f"{prefix}", field="params.responses",
+                          hint="give responses for every persona of the job")
+    return prefix

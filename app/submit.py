@@ -275,6 +275,14 @@ def validate(session, request: JobSpec, *, settings) -> dict:
     dataset = check_dataset(request.dataset, settings)
     info = resolve(model, settings=settings, session=session)
     raw = request.params.given()
+    from app import stages
+
+    if kind == "capture" and any(raw.get(k) is not None for k in stages.PIPELINE_PARAMS):
+        kind = "pipeline"  # --judge / --responses / --stages: the research chain
+    elif kind != "pipeline" and any(raw.get(k) is not None for k in stages.PIPELINE_PARAMS):
+        name = next(k for k in stages.PIPELINE_PARAMS if raw.get(k) is not None)
+        raise SpecInvalid(f"a {kind} job does not take {name}", field=f"params.{name}",
+                          hint="judge, responses and stages belong to pipeline jobs")
     params = check_params(raw, kind=kind, info=info)
     steer = raw.get("steer") or []
     if steer and kind != "rollout":
@@ -293,8 +301,14 @@ def validate(session, request: JobSpec, *, settings) -> dict:
                              info=info, settings=settings)
     if ops:
         params["steer"] = ops
-    return {"kind": kind, "dataset": dataset.name, "model": model, "dtype": dtype,
-            "params": params, "personas": personas}
+    columns = {"kind": kind, "dataset": dataset.name, "model": model, "dtype": dtype,
+               "params": params, "personas": personas}
+    if kind == "pipeline":
+        columns["items"] = stages.check_submit(params=params, dataset=dataset,
+                                               personas=personas, settings=settings,
+                                               session=session)
+        del columns["personas"]
+    return columns
 
 
 def submit_job(session, *, request: JobSpec, settings, enqueue: Callable[[str], None]):
@@ -306,7 +320,13 @@ def submit_job(session, *, request: JobSpec, settings, enqueue: Callable[[str], 
     from app import jobs
 
     columns = validate(session, request, settings=settings)
-    job = jobs.create_job(session, **columns)
+    if columns["kind"] == "pipeline":
+        from app import stages
+
+        job = stages.create_pipeline_job(session, **{k: v for k, v in columns.items()
+                                                     if k != "kind"})
+    else:
+        job = jobs.create_job(session, **columns)
     job.artifact_prefix = job_prefix(settings, model=job.model, dataset=job.dataset,
                                      dtype=job.dtype, job_id=job.id)
     session.commit()

@@ -102,21 +102,31 @@ def _params(pairs) -> dict:
 @click.option("--steer", "steer_file", type=click.Path(dir_okay=False), default=None,
               help="a JSON file with a list of steering ops (rollout)")
 @click.option("--capture", is_flag=True, default=None, help="rollout: also store activations")
+@click.option("--judge", default=None, metavar="MODEL",
+              help="run the research chain generate -> capture -> judge -> vectors (-> axis) "
+                   "with this judge model (CHATSPACE_JUDGE_BASE_URL / _API_KEY)")
+@click.option("--responses", default=None, metavar="JOB|PATH",
+              help="capture and judge these responses instead of generating: an earlier "
+                   "job's id, or (in-process) a 1_generate.py JSONL file or folder of them")
+@click.option("--stages", default=None, help="pipeline stages, e.g. generate,capture,judge")
 @click.option("--param", "more", multiple=True, metavar="NAME=VALUE",
               help="any job parameter (see app/spec.py), VALUE as JSON; repeatable")
 @click.option("--wait", is_flag=True, help="show progress until the job ends")
 @json_option
 @click.pass_context
 def submit(ctx, dataset, kind, model, dtype, layers, max_samples, batch_size, max_tokens,
-           temperature, seed, steer_file, capture, more, wait, as_json):
+           temperature, seed, steer_file, capture, judge, responses, stages, more, wait,
+           as_json):
     """Submit a job over DATASET; prints its id."""
+    c = client(ctx)
     flags = {"layers": _layers(layers), "max_samples": max_samples, "batch_size": batch_size,
              "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
-             "steer": _steer(steer_file), "capture": capture or None}
+             "steer": _steer(steer_file), "capture": capture or None, "judge": judge,
+             "responses": _responses(responses, c),
+             "stages": [x.strip() for x in stages.split(",") if x.strip()] if stages else None}
     params = {**_params(more), **{k: v for k, v in flags.items() if v is not None}}
     body = {"kind": kind, "dataset": dataset, "model": model, "dtype": dtype,
             "params": params}
-    c = client(ctx)
     job = c.submit({k: v for k, v in body.items() if v is not None})
     if as_json and not wait:
         emit(job, True)
@@ -125,6 +135,39 @@ def submit(ctx, dataset, kind, model, dtype, layers, max_samples, batch_size, ma
     if wait:
         return _watch(ctx, c, job["id"], as_json=as_json, start_local=True)
     return 0
+
+
+def _responses(value: str | None, c) -> str | None:
+    """A job id passes through; a local file or folder of ``<persona>.jsonl`` (the public
+    ``1_generate.py`` output) is checked line by line and put in the artifact store under
+    ``uploads/<digest>/``, which the job then reads."""
+    if value is None or not Path(value).exists():
+        return value
+    import hashlib
+
+    from app.errors import SpecInvalid
+    from app.responses import parse_responses
+    from app.settings import get_settings
+    from app.storage import get_store
+
+    if c.where != "in-process":
+        raise SpecInvalid("a responses file can be given only in-process (no upload route)",
+                          field="params.responses",
+                          hint="submit without --api-url, or give the id of a job")
+    path = Path(value)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise SpecInvalid(f"no *.jsonl files in {path}", field="params.responses")
+    blobs = {f.stem: f.read_bytes() for f in files}
+    for name, blob in blobs.items():
+        parse_responses(blob.decode().splitlines(), source=str(path / f"{name}.jsonl")
+                        if path.is_dir() else str(path))
+    digest = hashlib.sha256(b"".join(blobs[k] for k in sorted(blobs))).hexdigest()[:16]
+    store = get_store(get_settings())
+    for name, blob in blobs.items():
+        store.put_bytes(f"uploads/{digest}/{name}.jsonl", blob,
+                        content_type="application/x-ndjson", overwrite=True)
+    return f"uploads/{digest}"
 
 
 def _needs_local_worker(c, job: dict) -> bool:

@@ -28,7 +28,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from app import jobs
 from app.artifacts import read_persona_artifact, recorded_prefix
 from app.db import session_scope
-from app.errors import EngineOOM, InvalidTransition, SpecInvalid
+from app.errors import EngineOOM, InvalidTransition, RetryableError, SpecInvalid
 from app.models import Artifact, Job, JobItem
 from app.storage import get_store
 from workers import pipeline
@@ -83,10 +83,9 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
         kind, dataset, model, dtype = job.kind, job.dataset, job.model, job.dtype
         params = JobParams.from_dict(job.params)
         prefix = recorded_prefix(job, settings)
-    if kind == "pipeline":  # one item per (stage, persona): its own loop
-        from workers.pipeline_job import run_pipeline_job
-
-        return run_pipeline_job(job_id, worker=worker)
+    if kind == "pipeline":  # one item per (stage, persona)
+        return execute_pipeline(job_id, worker=worker, params=dict(job.params or {}),
+                                prefix=prefix)
 
     def event(kind_: str, data: dict) -> None:
         with session_scope() as s:
@@ -101,7 +100,7 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
             claimed = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
             if claimed is None:
                 break
-            item_id, attempt, persona, done_key, done_sha = claimed
+            item_id, attempt, persona, done_key, done_sha, _ = claimed
             if done_key and done_sha and store.verify(done_key, done_sha):
                 db_retry(_complete, job_id, item_id, attempt, worker.name, done_key, done_sha,
                          info=None, what="complete")
@@ -146,12 +145,94 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
     return {"job_id": job_id, "ran": ran}
 
 
+def execute_pipeline(job_id: str, *, worker: Worker, params: dict, prefix: str) -> dict:
+    """A pipeline job's loop: the same leases, fencing and retries as above; what differs is
+    which item is ready (:func:`app.stages.claim`: the stages it needs have succeeded), the
+    engine is acquired only when an engine stage is claimed, and a judge outage re-queues
+    its item for a later delivery instead of spinning."""
+    from app.judge.backend import JudgeRejected
+    from app.stages import ENGINE_STAGES
+    from workers import stages as runners
+
+    settings = worker.settings
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        dataset, model, dtype = job.dataset, job.model, job.dtype
+
+    def event(kind_: str, data: dict) -> None:
+        with session_scope() as s:
+            jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
+
+    runtime = worker.runtime
+    engine: list = []
+
+    def get_engine():
+        if not engine:
+            engine.append(runtime.acquire(model, dtype, on_event=event))
+        return engine[0]
+
+    store = get_store(settings)
+    ran = 0
+    try:
+        while True:
+            claimed = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
+            if claimed is None:
+                break
+            item_id, attempt, persona, _, _, stage = claimed
+            ctx = runners.StageContext(
+                job_id=job_id, stage=stage, persona=persona, dataset=dataset, model=model,
+                dtype=dtype, params=params, store=store, settings=settings, prefix=prefix,
+                engine=get_engine, gpu_index=runtime.gpu, on_event=event,
+                on_progress=_progress_writer(item_id, attempt),
+                should_cancel=_cancel_checker(job_id))
+            worker.busy(job_id)
+            try:
+                result = runners.run_stage(ctx)
+            except JobCancelled:
+                with session_scope() as s:
+                    jobs.release_item(s, item_id=item_id, attempt=attempt, worker=worker.name)
+                break
+            except EngineOOM as exc:
+                _fail(job_id, item_id, attempt, worker.name, "oom", exc, requeue=False,
+                      batch_size=exc.batch_size, memory=exc.memory)
+                runtime.cleanup(on_event=event)
+                continue
+            except (JudgeRejected, SpecInvalid) as exc:  # no retry fixes these
+                db_retry(_fail, job_id, item_id, attempt, worker.name, "error", exc,
+                         requeue=False, what="fail")
+                continue
+            except Exception as exc:
+                log.exception("job %s %s/%s failed", job_id, stage, persona)
+                requeue = attempt < settings.max_item_attempts
+                db_retry(_fail, job_id, item_id, attempt, worker.name, "error", exc,
+                         requeue=requeue, what="fail")
+                if stage in ENGINE_STAGES:
+                    runtime.cleanup(on_event=event)
+                if isinstance(exc, RetryableError) and requeue:
+                    break  # the judge is down: the item waits queued for a later delivery
+                continue
+            db_retry(_complete, job_id, item_id, attempt, worker.name, result.artifact_key,
+                     result.sha256, what="complete",
+                     info={"size": result.size, "extra": result.extra, "stage": stage,
+                           **result.info})
+            ran += 1
+        db_retry(finish, job_id, settings=settings, store=store, what="finish")
+    finally:
+        if engine:
+            figures = runtime.cleanup(on_event=event)
+            if figures.get("memory"):
+                event("cleanup", figures)
+        worker.idle()
+    return {"job_id": job_id, "ran": ran}
+
+
 def _claim(job_id, worker, lease_s):
     with session_scope() as s:
         item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=lease_s)
         if item is None:
             return None
-        return item.id, item.attempt, item.persona, item.artifact_key, item.artifact_sha256
+        return (item.id, item.attempt, item.persona, item.artifact_key, item.artifact_sha256,
+                item.stage)
 
 
 def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:

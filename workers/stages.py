@@ -111,7 +111,8 @@ def _pipeline_ctx(ctx: StageContext, kind: str = "capture"):
     return ItemContext(job_id=ctx.job_id, kind=kind, dataset=ctx.dataset, persona=ctx.persona,
                        model=ctx.model, dtype=ctx.dtype, params=_job_params(ctx),
                        engine=ctx.engine(), store=ctx.store, settings=ctx.settings,
-                       gpu_index=ctx.gpu_index, on_progress=ctx.on_progress,
+                       artifact_prefix=ctx.prefix, gpu_index=ctx.gpu_index,
+                       on_progress=ctx.on_progress,
                        on_event=ctx.on_event, should_cancel=ctx.should_cancel)
 
 
@@ -233,15 +234,14 @@ def _judge(ctx: StageContext) -> StageResult:
     if not persona.eval_prompt:
         raise SpecInvalid(f"persona {ctx.persona!r} has no eval_prompt to judge with",
                           field="dataset")
-    spec = ctx.params.get("judge") or {}
     responses = load_responses(ctx)
     judge_settings = ctx.settings.judge
-    structured = spec.get("structured_outputs")
+    structured = ctx.params.get("judge_structured_outputs")
     structured = judge_settings.structured_outputs if structured is None else bool(structured)
-    reply_retries = spec.get("reply_retries")
+    reply_retries = ctx.params.get("judge_reply_retries")
 
     def backend():
-        b = OpenAIBackend.from_settings(ctx.settings, model=spec.get("model"))
+        b = OpenAIBackend.from_settings(ctx.settings, model=ctx.params.get("judge"))
         b.structured_outputs = structured
         return b
 

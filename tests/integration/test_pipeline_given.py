@@ -22,23 +22,18 @@ from tests.scripted_openai import Action, ScriptedServer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def _pipeline(stage_list, params) -> tuple[str, str]:
-    from app import stages
-    from app.artifacts import job_prefix
+def _pipeline(**params) -> tuple[str, str]:
     from app.db import session_scope
     from app.settings import get_settings
+    from app.spec import JobSpec
+    from app.submit import submit_job
     from workers.dispatch import enqueue_job
 
+    spec = JobSpec(dataset=h.DATASET, model=h.MODEL, dtype=h.DTYPE,
+                   params={**h.PARAMS, "max_samples": 4, **params})
     with session_scope() as s:
-        job = stages.create_pipeline_job(
-            s, dataset=h.DATASET, model=h.MODEL, dtype=h.DTYPE,
-            params={**h.PARAMS, "max_samples": 4, "min_count": 1, **params},
-            items=stages.plan(stage_list, ["curious"]))
-        job.artifact_prefix = job_prefix(get_settings(), model=h.MODEL, dataset=h.DATASET,
-                                         dtype=h.DTYPE, job_id=job.id)
-        job_id, prefix = str(job.id), job.artifact_prefix
-    enqueue_job(job_id)
-    return job_id, prefix
+        job = submit_job(s, request=spec, settings=get_settings(), enqueue=enqueue_job)
+        return str(job.id), job.artifact_prefix
 
 
 def test_given_responses_are_captured_exactly_and_judged(services, monkeypatch):  # noqa: F811
@@ -49,24 +44,22 @@ def test_given_responses_are_captured_exactly_and_judged(services, monkeypatch):
     tmp = services
     with ScriptedServer(lambda req, n: Action(text="80")) as srv:
         monkeypatch.setenv("CHATSPACE_JUDGE_BASE_URL", srv.base_url)
-        first_id, first = _pipeline(["generate", "capture"], {})
+        first_id, first = _pipeline(stages=["generate", "capture"])
         worker = h.start_worker("given-w", tmp / "logs")
         try:
             row = h.wait_for(first_id, timeout=600, log_dir=tmp / "logs", worker=worker)
             assert row["state"] == "succeeded", row
-            second_id, second = _pipeline(["capture", "judge", "vectors"],
-                                          {"judge": {"model": "judge-m"},
-                                           "responses_prefix": first})
+            second_id, second = _pipeline(judge="judge-m", responses=first_id)
             row = h.wait_for(second_id, timeout=600, log_dir=tmp / "logs", worker=worker)
         finally:
             h.stop(worker)
         assert row["state"] == "succeeded", row
-        assert len(srv.received) == 4  # one judge request per given response
+        assert len(srv.received) == 3 * 4  # one judge request per given response
     store = get_store(get_settings())
     a = read_persona_artifact(store.get_bytes(f"{first}/activations/curious.safetensors"))
     b = read_persona_artifact(store.get_bytes(f"{second}/activations/curious.safetensors"))
     assert a.keys == b.keys and len(a.keys) == 4
     np.testing.assert_allclose(b.activations, a.activations, rtol=1e-5, atol=1e-6)
-    assert not store.exists(f"{second}/responses/curious.jsonl")  # nothing generated
+    assert not store.list(f"{second}/responses/")  # nothing generated
     scores = json.loads(store.get_bytes(f"{second}/scores/curious.json"))
     assert scores == dict.fromkeys(a.keys, 80)
