@@ -46,12 +46,18 @@ def _run(connection) -> None:
         # Batch mode rebuilds a table by dropping it; with foreign keys on, that drop runs
         # the children's ON DELETE actions (items, events and artifacts of every job lost).
         # SQLite changes this pragma only outside a transaction: set it on the raw
-        # connection before the migration's transaction begins, and check the keys after.
+        # connection before the migration's transaction begins, and back after it ended.
         _pragma(connection, "PRAGMA foreign_keys=OFF")
     try:
         _configure(connection=connection, render_as_batch=sqlite)
         with context.begin_transaction():
             context.run_migrations()
+        if sqlite:
+            connection.commit()  # end the transaction (even an empty one) before the pragma
+    except BaseException:
+        if sqlite:
+            connection.rollback()
+        raise
     finally:
         if sqlite:
             _pragma(connection, "PRAGMA foreign_keys=ON")

@@ -142,3 +142,18 @@ def test_stages_upgrade_keeps_existing_items(db_url):
             assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 2
     finally:
         engine.dispose()
+
+
+def test_upgrade_at_head_is_a_no_op(db_url):
+    """The CLI migrates on every in-process start: a second upgrade at head must pass (on
+    SQLite it runs with foreign keys off and turns them back on outside a transaction)."""
+    upgrade(db_url)
+    upgrade(db_url)
+    assert _diffs(db_url) == []
+    engine = make_engine(db_url)
+    try:
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
