@@ -216,6 +216,12 @@ def execute_pipeline(job_id: str, *, worker: Worker, params: dict, prefix: str) 
                      info={"size": result.size, "extra": result.extra, "stage": stage,
                            **result.info})
             ran += 1
+        with session_scope() as s:
+            rows = s.execute(select(JobItem.stage, JobItem.persona, JobItem.state).where(
+                JobItem.job_id == job_id)).all()
+        if rows and all(r.state == "succeeded" for r in rows):
+            runners.write_judge_summary(store, prefix,
+                                        {r.persona for r in rows if r.stage == "judge"})
         db_retry(finish, job_id, settings=settings, store=store, what="finish")
     finally:
         if engine:

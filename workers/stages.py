@@ -13,8 +13,9 @@ Where each stage keeps its results, under the job's prefix:
 - ``minilm``    ``minilm.json``: the dataset's classifier, a score per rollout, per persona;
 - ``vectors``   ``vectors/<persona>.safetensors``: the persona's vectors with the judge's
   scores (score-filtered ones included), counts in its metadata;
-- ``axis``      ``axis.safetensors`` + ``axis.json`` (roles: ``5_axis.py``), and
-  ``scores/judge_summary.json`` over every judged persona.
+- ``axis``      ``axis.safetensors`` + ``axis.json`` (roles: ``5_axis.py``);
+- at the job's end ``scores/judge_summary.json`` over every judged persona
+  (:func:`write_judge_summary`).
 
 A stage reads its inputs by key and checks they exist; outputs are written with overwrite,
 so an item retried after a crash rewrites the same keys and a succeeded item is never run
@@ -322,24 +323,12 @@ def _vectors(ctx: StageContext) -> StageResult:
 def _axis(ctx: StageContext) -> StageResult:
     """The assistant axis (assistant-axis ``pipeline/5_axis.py``): mean of the default
     persona's vector minus the mean of the roles' ``pos_3`` vectors (``4_vectors.py``:
-    default = mean of all its activations, roles = mean of score-3 samples); plus the
-    judge summary over every judged persona."""
+    default = mean of all its activations, roles = mean of score-3 samples)."""
     import numpy as np
     from safetensors.numpy import load, save
 
-    from app.judge import summarize
-
     dataset = _dataset(ctx)
-    details = []
-    for persona in dataset.personas:
-        key = f"{ctx.prefix}/scores/{persona}.judge.json"
-        if ctx.store.exists(key):
-            details.append(json.loads(ctx.store.get_bytes(key)))
     extra = []
-    if details:
-        extra.append(_put(ctx, f"{ctx.prefix}/scores/judge_summary.json",
-                          json.dumps(summarize(details), indent=1).encode(),
-                          "application/json"))
     report: dict = {"kind": dataset.kind, "roles": [], "left_out": {}}
     tensors: dict[str, np.ndarray] = {}
     default_rows: dict[str, np.ndarray] = {}  # default-label samples, once per key
@@ -380,3 +369,21 @@ def _axis(ctx: StageContext) -> StageResult:
         extra.append(_put(ctx, f"{ctx.prefix}/axis.safetensors", save(tensors),
                           "application/octet-stream"))
     return _result(main, extra, roles=len(report["roles"]), axis=bool(tensors))
+
+
+def write_judge_summary(store, prefix: str, personas) -> dict | None:
+    """``scores/judge_summary.json`` from the stored per-persona details (so personas judged
+    by an earlier attempt count); the same bytes whichever worker writes it."""
+    from app.judge import summarize
+
+    details = []
+    for persona in sorted(personas):
+        key = f"{prefix}/scores/{persona}.judge.json"
+        if store.exists(key):
+            details.append(json.loads(store.get_bytes(key)))
+    if not details:
+        return None
+    obj = store.put_bytes(f"{prefix}/scores/judge_summary.json",
+                          json.dumps(summarize(details), indent=1, sort_keys=True).encode(),
+                          content_type="application/json", overwrite=True)
+    return {"key": obj.key, "sha256": obj.sha256, "size": obj.size}

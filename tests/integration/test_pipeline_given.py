@@ -63,3 +63,6 @@ def test_given_responses_are_captured_exactly_and_judged(services, monkeypatch):
     assert not store.list(f"{second}/responses/")  # nothing generated
     scores = json.loads(store.get_bytes(f"{second}/scores/curious.json"))
     assert scores == dict.fromkeys(a.keys, 80)
+    summary = json.loads(store.get_bytes(f"{second}/scores/judge_summary.json"))
+    assert summary["total"]["requests"] == 12 and summary["total"]["counts"]["scored"] == 12
+    assert sorted(summary["personas"]) == ["curious", "optimistic", "sycophantic"]
