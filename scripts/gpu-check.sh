@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu-check.sh PHASE [PHASE ...]       phases run one after another
 #
-# phases: diag (per-layer fp32 parity report, TF32 on vs off) | cleanup | parity (the gpu tests
+# phases: diag (per-layer fp32 parity report, TF32 on vs off) | cleanup | ingraph | parity (the gpu tests
 # on one GPU) | multi (tensor parallel + two pinned workers; needs 2 GPUs) | bench-0.6b | bench-8b
 # CHATSPACE_TEST_GPU_INDEX=N runs the single-GPU phases on GPU N, so two lanes can share a 2-GPU
 # machine. Two lanes write the same log names: give each its own OUT. The calls that ran the
@@ -60,6 +60,9 @@ for phase in "$@"; do
     cleanup)
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
       gpu_tests cleanup 240 tests/gpu/test_gpu_cleanup.py ;;  # own process: reads NVML
+    ingraph)  # the in-graph op: kernel vs reference, engine vs eager hooks and transformers
+      export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
+      gpu_tests ingraph 480 tests/gpu/test_gpu_ingraph.py ;;
     parity)
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
       gpu_tests parity 420 tests/gpu/test_gpu_parity.py ${PARITY_K:+-k "$PARITY_K"} ;;
@@ -73,6 +76,6 @@ for phase in "$@"; do
         --json "$OUT/bench-${card}-qwen3-${shape}-${stamp}.json" ${BENCH_ARGS:-${BENCH[$shape]}} \
         > "$OUT/bench-$shape.log" 2>&1
       echo "bench $shape rc=$?"; grep -A12 "^config" "$OUT/bench-$shape.log"; tail -3 "$OUT/bench-$shape.log" ;;
-    *) echo "unknown phase $phase (diag | cleanup | parity | multi | bench-0.6b | bench-8b)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (diag | cleanup | ingraph | parity | multi | bench-0.6b | bench-8b)" >&2; exit 2 ;;
   esac
 done

