@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,11 @@ class EngineSettings(BaseSettings):
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = True  # forward hooks do not fire under torch.compile
+    # eager: forward hooks on an eager vLLM (the fallback, and raw per-token capture);
+    # ingraph: one op per layer inside vLLM's compiled graphs and CUDA graphs (faster)
+    steering_path: Literal["eager", "ingraph"] = "eager"
+    # vLLM's load_format; "dummy" = random weights from the config (benchmarks at real shapes)
+    load_format: str = "auto"
     max_num_seqs: int = 256
     tensor_parallel_size: int = 1
     oom_min_batch: int = 1  # OOM retries halve the batch down to this floor

@@ -268,9 +268,14 @@ def _rollout(ctx: ItemContext, dataset, samples) -> ItemResult:
 def provenance(engine) -> dict:
     """What every artifact must say about how the engine ran: ``unverified_family`` (the
     decoder-layer class) when it served a family outside the verified ones
-    (``engine.allow_unverified_family``); nothing otherwise."""
+    (``engine.allow_unverified_family``), and ``steering_path`` for the vLLM engine (which
+    path produced the numbers: eager hooks or the in-graph op)."""
     family = getattr(engine, "unverified_family", None)
-    return {"unverified_family": str(family)} if family else {}
+    out = {"unverified_family": str(family)} if family else {}
+    path = getattr(engine, "steering_path", None)  # eager hooks or the in-graph op (vLLM)
+    if path:
+        out["steering_path"] = str(path)
+    return out
 
 
 def _obj(o) -> dict:

@@ -93,7 +93,8 @@ def load_engine(model: str, dtype: str, settings: Settings) -> Engine:
             path, dtype=dtype, max_model_len=model_max_len(path, e.max_model_len),
             gpu_memory_utilization=memory_fraction(settings), enforce_eager=e.enforce_eager,
             max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size,
-            allow_unverified_family=e.allow_unverified_family)
+            allow_unverified_family=e.allow_unverified_family,
+            steering_path=e.steering_path, load_format=e.load_format)
     from workers.engine.hf import HFBackend
 
     return HFBackend(path, dtype=dtype)
@@ -125,7 +126,9 @@ class EngineRuntime:
         eng = self.engine
         if eng is None:
             return {}
-        return {"num_layers": int(eng.num_layers), "hidden_size": int(eng.hidden_size)}
+        return {"num_layers": int(eng.num_layers), "hidden_size": int(eng.hidden_size),
+                # which path produced the numbers (artifact metadata): eager hooks / in-graph
+                "steering_path": getattr(eng, "steering_path", "hf")}
 
     def memory(self) -> dict | None:
         reading = gpu.memory(self.gpu)

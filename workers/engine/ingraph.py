@@ -37,6 +37,7 @@ from workers.engine.spec import RequestSpec, SteerOp
 
 log = logging.getLogger(__name__)
 
+_BUILTIN = ("prompt", "response", "last_prompt")  # capture columns 0-2; named spans use 3
 CONFIG_KEY = "chatspace_ingraph"  # vllm_config.additional_config[CONFIG_KEY]
 ATTR = "_chatspace_ingraph"  # the runner's state attribute
 
@@ -165,6 +166,16 @@ class _Steps:
         self.seen: dict[str, _Req | None] = {}
         self.by_uid: dict[str, _Req] = {}
         self.live: dict[str, _Req] = {}  # vLLM request id -> request holding slots
+        self.pslot_of: dict[str, int] = {}  # vLLM request id -> proof slot (0 = plain)
+        q = cfg["pslots"] + 1  # per-request host state, indexed by proof slot (vectorised fill)
+        self.a_row = np.zeros(q, np.int32)  # steering row
+        self.a_plen = np.zeros(q, np.int64)  # prompt length P
+        self.a_slot = np.zeros((q, 3), np.int32)  # capture slots: prompt, response, last_prompt
+        self.a_cnt = np.zeros((q, 3), np.int64)  # rows accumulated per span
+        self.a_lo = np.full((q, 3), np.iinfo(np.int64).max, np.int64)  # positions covered
+        self.a_hi = np.zeros((q, 3), np.int64)
+        self.a_steps = np.zeros(q, np.int64)  # steps the request was in (proof: x layers)
+        self.custom: dict[int, _Req] = {}  # proof slot -> request with named spans
         self.steps = 0
         self.calls = 0
         self.errors: list[str] = []  # the last step-fill failures (steering_ingraph_stats)
@@ -221,6 +232,8 @@ class _Steps:
         for req in list(self.live.values()):
             self._finish([req])
         self.seen.clear()
+        self.pslot_of.clear()
+        self.custom.clear()
         self.by_uid.clear()
         self.rows.clear()
         self.compiled.clear()
@@ -231,6 +244,13 @@ class _Steps:
         self.bufs.nops.zero_()
 
     # ---- requests ----------------------------------------------------------------------
+    def _pslot(self, req_id: str) -> int:
+        q = self.pslot_of.get(req_id)
+        if q is None:
+            req = self.lookup(req_id)
+            q = self.pslot_of[req_id] = req.pslot if req is not None else 0
+        return q
+
     def lookup(self, req_id: str) -> _Req | None:
         if req_id in self.seen:
             return self.seen[req_id]
@@ -261,6 +281,7 @@ class _Steps:
         req.row = self.rows[key] if key is not None else 0
         req.rows_seen = 0
         req.result = None
+        req.n_prompt = n_prompt
         if not self.free_pslots:
             raise InGraphError("no free in-graph request slot")
         req.pslot = self.free_pslots.pop()
@@ -284,6 +305,12 @@ class _Steps:
                                        " raise CHATSPACE_ENGINE_INGRAPH_SLOTS")
                 req.slots[name] = self.free_slots.pop()
                 req.counts[name] = 0
+        q = req.pslot
+        self.a_row[q], self.a_plen[q], self.a_steps[q] = req.row, n_prompt, 0
+        self.a_cnt[q], self.a_lo[q], self.a_hi[q] = 0, np.iinfo(np.int64).max, 0
+        self.a_slot[q] = [req.slots.get(k, 0) for k in _BUILTIN]
+        if cap is not None and cap.spans:
+            self.custom[q] = req
         self.by_uid[req.uid] = req
         return req
 
@@ -309,53 +336,77 @@ class _Steps:
 
     def _fill(self, n_pad: int) -> None:
         step = rn.current_step(self.runner)
-        gone = [r for rid, r in self.live.items() if rid not in self.runner.requests]
+        reqs = self.runner.requests
+        gone = [rid for rid in self.live if rid not in reqs]
         if gone:
-            for rid in [rid for rid, r in self.live.items() if rid not in self.runner.requests]:
-                del self.live[rid]
-            self._finish(gone)
+            self._finish([self.live.pop(rid) for rid in gone])
         if step is None:
             self._clear()
             return
+        ps = np.fromiter((self._pslot(rid) for rid in step.req_ids), np.int64,
+                         len(step.req_ids))
+        r0 = np.asarray(step.row_starts, np.int64)
+        r1 = np.asarray(step.row_ends, np.int64)
+        p0 = np.asarray(step.pos_starts, np.int64)
+        lens = r1 - r0
+        act = (ps > 0) & (lens > 0)
+        if not act.any():
+            self._clear()
+            return
+        n = int(r1[-1])
         st = self.stage[self.flip]
         self.flip ^= 1
         srow, pslot, cslot = st["srow"].numpy(), st["pslot"].numpy(), st["cslot"].numpy()
-        m = min(self.tokens, max(n_pad, self.extent, step.row_ends[-1] if step.row_ends else 0))
-        srow[:m], pslot[:m], cslot[:m] = 0, 0, 0
-        any_active = False
-        for i, rid in enumerate(step.req_ids):
-            req = self.lookup(rid)
-            r0, r1, p0 = step.row_starts[i], step.row_ends[i], step.pos_starts[i]
-            if req is None or r1 <= r0:
-                continue
-            any_active = True
-            srow[r0:r1] = req.row
-            pslot[r0:r1] = req.pslot
-            req.rows_seen += r1 - r0
-            p1 = p0 + (r1 - r0)
-            for name, (a, b) in req.spans.items():
-                lo, hi = max(a, p0), p1 if b is None else min(b, p1)
-                if hi <= lo:
-                    continue
-                rows = slice(r0 + lo - p0, r0 + hi - p0)
-                for c in range(iop.NCOL):
-                    if not cslot[rows, c].any():
-                        cslot[rows, c] = req.slots[name]
-                        break
-                else:
-                    raise InGraphError(f"more than {iop.NCOL} capture spans overlap")
-                req.counts[name] += hi - lo
-                cov = req.covered.setdefault(name, [lo, hi])
-                cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
-        if not any_active:
-            self._clear()
-            return
+        m = min(self.tokens, max(n_pad, self.extent, n))
+        pslot[:m], cslot[n:m], srow[n:m] = 0, 0, 0
+        tok_req = np.repeat(np.arange(len(ps)), lens)  # request index of each row
+        tq = ps[tok_req]  # its proof slot (0 = plain)
+        srow[:n] = self.a_row[tq]
+        pslot[r0[act]] = ps[act]  # proof: the request's first row only
+        pos = p0[tok_req] + (np.arange(n) - r0[tok_req])  # absolute position of each row
+        plen = self.a_plen[tq]
+        slots = self.a_slot[tq]
+        cslot[:n, 0] = np.where(pos < plen, slots[:, 0], 0)
+        cslot[:n, 1] = np.where(pos >= plen, slots[:, 1], 0)
+        cslot[:n, 2] = np.where(pos == plen - 1, slots[:, 2], 0)
+        cslot[:n, 3] = 0
+        # per-request counts and covered positions, built-in spans, vectorised
+        q, a0, a1, plen_q = ps[act], p0[act], p0[act] + lens[act], self.a_plen[ps[act]]
+        lo = np.stack([np.maximum(a0, 0), np.maximum(a0, plen_q), np.maximum(a0, plen_q - 1)], 1)
+        hi = np.stack([np.minimum(a1, plen_q), a1, np.minimum(a1, plen_q)], 1)
+        got = (hi > lo) & (self.a_slot[q] > 0)
+        self.a_cnt[q] += np.where(got, hi - lo, 0)
+        self.a_lo[q] = np.where(got, np.minimum(self.a_lo[q], lo), self.a_lo[q])
+        self.a_hi[q] = np.where(got, np.maximum(self.a_hi[q], hi), self.a_hi[q])
+        self.a_steps[q] += 1
+        if self.custom:  # named spans (rare): column 3, one request at a time
+            for i in np.flatnonzero(act):
+                req = self.custom.get(int(ps[i]))
+                if req is not None:
+                    self._named_spans(req, int(r0[i]), int(r1[i]), int(p0[i]), cslot)
         nb = self.device.type == "cuda"
         self.bufs.srow[:m].copy_(st["srow"][:m], non_blocking=nb)
         self.bufs.pslot[:m].copy_(st["pslot"][:m], non_blocking=nb)
         self.bufs.cslot[:m].copy_(st["cslot"][:m], non_blocking=nb)
-        self.extent = max(n_pad, step.row_ends[-1])
+        self.extent = n
         self.steps += 1
+
+    def _named_spans(self, req: _Req, r0: int, r1: int, p0: int, cslot: np.ndarray) -> None:
+        p1 = p0 + (r1 - r0)
+        for name, (a, b) in req.spans.items():
+            if name in _BUILTIN:
+                continue
+            lo, hi = max(a, p0), p1 if b is None else min(b, p1)
+            if hi <= lo:
+                continue
+            rows = slice(r0 + lo - p0, r0 + hi - p0)
+            if cslot[rows, 3].any():
+                raise InGraphError("named capture spans overlap: the in-graph path takes "
+                                   "non-overlapping named spans (overlapping needs eager)")
+            cslot[rows, 3] = req.slots[name]
+            req.counts[name] += hi - lo
+            cov = req.covered.setdefault(name, [lo, hi])
+            cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
 
     def _finish(self, reqs: list[_Req]) -> None:
         """Queue the device → host copy of finished requests' sums and counters, then zero
@@ -378,6 +429,15 @@ class _Steps:
             event.record()
         pending = {"event": event, "hits": hits, "sums": sums}
         for j, req in enumerate(reqs):
+            q = req.pslot
+            req.rows_seen = int(self.a_steps[q])
+            for c, name in enumerate(_BUILTIN):
+                if name in req.slots:
+                    req.counts[name] = int(self.a_cnt[q, c])
+                    if self.a_cnt[q, c]:
+                        req.covered[name] = [int(self.a_lo[q, c]), int(self.a_hi[q, c])]
+            self.a_row[q], self.a_slot[q], self.a_plen[q] = 0, 0, 0
+            self.custom.pop(q, None)
             req.result = (pending, j, [(name, k) for k, (r, name, _) in enumerate(cap)
                                        if r is req])
             self.free_pslots.append(req.pslot)
@@ -404,9 +464,9 @@ class _Steps:
             if pending["event"] is not None:
                 pending["event"].synchronize()
             hits = int(pending["hits"][j])
-            expected = req.rows_seen * len(self.layers)
+            expected = req.rows_seen * len(self.layers)  # rows_seen: steps, see _finish
             if hits != expected and not errors:
-                errors.append(f"in-graph op saw {hits} of the {expected} (token, layer) pairs "
+                errors.append(f"in-graph op saw {hits} of the {expected} (step, layer) pairs "
                               "of this request: the compiled graph lacks the op at some layer")
         out = {"hook_calls": hits, "errors": errors}
         if req.spec.capture is not None and rank == 0 and req.result is not None:

@@ -18,8 +18,9 @@ One call per decoder layer, on vLLM's ``(delta, residual)`` pair (``h = delta + 
    ``(û, 0, 1, scale − 1, −inf, inf)``. Adjacent adds are pre-summed, as :mod:`.ops` does.
 2. capture: ``acc[cslot[t, c], l] += float(delta'[t]) + float(residual[t])`` for each of the
    token's capture columns (slot 0 = the dump slot: padded rows and tokens outside any span).
-3. proof: ``hits[pslot[t]] += 1`` — per request, how many (token, layer) pairs the op saw;
-   the engine checks it equals rows × layers, so an op dropped from the graph (a stale compile
+3. proof: ``hits[pslot[t]] += 1`` — ``pslot`` is set on each request's first row of a step
+   only, so per request this counts (step, layer) pairs; the engine checks it equals
+   steps × layers, so an op dropped from the graph (a stale compile
    cache, a model whose layers were not patched) is caught, never served silently.
 
 Two implementations with the same math: a Triton kernel on CUDA (one program per token, the
@@ -36,7 +37,8 @@ import torch
 
 LIB = "chatspace"
 NAME = "steer_capture"
-NCOL = 4  # capture columns per token: spans may overlap (prompt and last_prompt do)
+NCOL = 4  # capture columns per token: prompt, response, last_prompt, named spans
+TOK = 8  # tokens per kernel program (capture sums stay in registers across a run of one slot)
 NSCAL = 5  # a, m, coef, lo, hi
 # Salted into vLLM's compile-cache key (additional_config): a cached graph built from other
 # op code, or without the op, is never reused.
@@ -70,75 +72,118 @@ def reference(delta: torch.Tensor, residual: torch.Tensor, srow: torch.Tensor,
     hits.index_add_(0, pslot[:n].long(), torch.ones(n, dtype=hits.dtype, device=hits.device))
 
 
-_KERNEL = None
-
-
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+try:  # Triton ships with CUDA torch; the kernels are defined at import so they can
+    # call each other (a jitted function resolves names in this module's globals)
     import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - the torch op serves
+    triton = None
+else:
+    @triton.jit
+    def _flush(acc_ptr, slot, part, layer, L, H, offs, m):
+        if slot > 0:
+            tl.atomic_add(acc_ptr + (slot.to(tl.int64) * L + layer) * H + offs, part, mask=m,
+                          sem="relaxed")
 
     @triton.jit
     def steer_capture_kernel(delta_ptr, res_ptr, srow_ptr, pslot_ptr, cslot_ptr, start_ptr,
                              nops_ptr, vec_ptr, scal_ptr, acc_ptr, hits_ptr,
-                             layer, H, L, R1, stride_d, stride_r,
-                             BLOCK: tl.constexpr, NC: tl.constexpr, NS: tl.constexpr):
-        t = tl.program_id(0)
-        row = tl.load(srow_ptr + t)
-        ps = tl.load(pslot_ptr + t)
-        cols = tl.load(cslot_ptr + t * NC + tl.arange(0, NC))
-        nk = tl.load(nops_ptr + layer * R1 + row)
-        if (nk > 0) | (ps > 0) | (tl.max(cols, 0) > 0):
-            offs = tl.arange(0, BLOCK)
-            m = offs < H
-            d_raw = tl.load(delta_ptr + t * stride_d + offs, mask=m, other=0.0)
-            d = d_raw.to(tl.float32)
-            r = tl.load(res_ptr + t * stride_r + offs, mask=m, other=0.0).to(tl.float32)
-            x = d + r
-            if nk > 0:
-                h0 = x
-                dh = tl.zeros([BLOCK], dtype=tl.float32)
-                first = tl.load(start_ptr + layer * R1 + row)
-                for k in range(0, nk):
-                    e = (first + k).to(tl.int64)
-                    v = tl.load(vec_ptr + e * H + offs, mask=m, other=0.0)
-                    a = tl.load(scal_ptr + e * NS)
-                    pm = tl.load(scal_ptr + e * NS + 1)
-                    coef = tl.load(scal_ptr + e * NS + 2)
-                    lo = tl.load(scal_ptr + e * NS + 3)
-                    hi = tl.load(scal_ptr + e * NS + 4)
-                    p = tl.sum((h0 + dh) * v, axis=0) * pm
-                    shift = coef * p + tl.minimum(tl.maximum(p, lo), hi) - p
-                    dh = dh + (a + shift) * v
-                nd = (d + dh).to(d_raw.dtype, fp_downcast_rounding="rtne")
-                tl.store(delta_ptr + t * stride_d + offs, nd, mask=m)
-                x = nd.to(tl.float32) + r
-            for c in tl.static_range(NC):
-                s = tl.load(cslot_ptr + t * NC + c).to(tl.int64)
-                if s > 0:
-                    tl.atomic_add(acc_ptr + (s * L + layer) * H + offs, x, mask=m, sem="relaxed")
-            if ps > 0:
-                tl.atomic_add(hits_ptr + ps, 1, sem="relaxed")
+                             n, layer, H, L, R1, stride_d, stride_r,
+                             BLOCK: tl.constexpr, NS: tl.constexpr, TOK: tl.constexpr):
+        # TOK consecutive tokens per program: a capture column's sum is kept in registers
+        # while its slot stays the same (a prompt's rows are consecutive) and flushed with one
+        # atomic add when it changes, instead of one atomic add per token.
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < H
+        cur0 = tl.program_id(0) * 0
+        cur1 = cur0
+        cur2 = cur0
+        cur3 = cur0
+        a0 = tl.zeros([BLOCK], dtype=tl.float32)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        for i in range(0, TOK):
+            t = pid * TOK + i
+            if t < n:
+                row = tl.load(srow_ptr + t)
+                ps = tl.load(pslot_ptr + t)
+                if ps > 0:  # proof: one count per request, step and layer (its first row)
+                    tl.atomic_add(hits_ptr + ps, 1, sem="relaxed")
+                s0 = tl.load(cslot_ptr + t * 4)
+                s1 = tl.load(cslot_ptr + t * 4 + 1)
+                s2 = tl.load(cslot_ptr + t * 4 + 2)
+                s3 = tl.load(cslot_ptr + t * 4 + 3)
+                nk = tl.load(nops_ptr + layer * R1 + row)
+                x = tl.zeros([BLOCK], dtype=tl.float32)
+                if (nk > 0) | ((s0 | s1 | s2 | s3) > 0):
+                    d_raw = tl.load(delta_ptr + t * stride_d + offs, mask=m, other=0.0)
+                    d = d_raw.to(tl.float32)
+                    r = tl.load(res_ptr + t * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+                    x = d + r
+                    if nk > 0:
+                        h0 = x
+                        dh = tl.zeros([BLOCK], dtype=tl.float32)
+                        first = tl.load(start_ptr + layer * R1 + row)
+                        for k in range(0, nk):
+                            e = (first + k).to(tl.int64)
+                            v = tl.load(vec_ptr + e * H + offs, mask=m, other=0.0)
+                            a = tl.load(scal_ptr + e * NS)
+                            pm = tl.load(scal_ptr + e * NS + 1)
+                            coef = tl.load(scal_ptr + e * NS + 2)
+                            lo = tl.load(scal_ptr + e * NS + 3)
+                            hi = tl.load(scal_ptr + e * NS + 4)
+                            p = tl.sum((h0 + dh) * v, axis=0) * pm
+                            shift = coef * p + tl.minimum(tl.maximum(p, lo), hi) - p
+                            dh = dh + (a + shift) * v
+                        nd = (d + dh).to(d_raw.dtype, fp_downcast_rounding="rtne")
+                        tl.store(delta_ptr + t * stride_d + offs, nd, mask=m)
+                        x = nd.to(tl.float32) + r
+                if s0 != cur0:
+                    _flush(acc_ptr, cur0, a0, layer, L, H, offs, m)
+                    a0 = tl.zeros([BLOCK], dtype=tl.float32)
+                    cur0 = s0
+                a0 += x
+                if s1 != cur1:
+                    _flush(acc_ptr, cur1, a1, layer, L, H, offs, m)
+                    a1 = tl.zeros([BLOCK], dtype=tl.float32)
+                    cur1 = s1
+                a1 += x
+                if s2 != cur2:
+                    _flush(acc_ptr, cur2, a2, layer, L, H, offs, m)
+                    a2 = tl.zeros([BLOCK], dtype=tl.float32)
+                    cur2 = s2
+                a2 += x
+                if s3 != cur3:
+                    _flush(acc_ptr, cur3, a3, layer, L, H, offs, m)
+                    a3 = tl.zeros([BLOCK], dtype=tl.float32)
+                    cur3 = s3
+                a3 += x
+        _flush(acc_ptr, cur0, a0, layer, L, H, offs, m)
+        _flush(acc_ptr, cur1, a1, layer, L, H, offs, m)
+        _flush(acc_ptr, cur2, a2, layer, L, H, offs, m)
+        _flush(acc_ptr, cur3, a3, layer, L, H, offs, m)
 
-    _KERNEL = steer_capture_kernel
-    return _KERNEL
+
+
+def _kernel():
+    if triton is None:
+        raise RuntimeError("Triton is not installed: the in-graph op has no CUDA kernel")
+    return steer_capture_kernel
 
 
 def triton_impl(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
                 hits, layer: int, kmax: int) -> None:
-    import triton
-
     n, hidden = delta.shape
     if n == 0:
         return
     block = triton.next_power_of_2(hidden)
     warps = 4 if block <= 2048 else 8 if block <= 4096 else 16
-    _kernel()[(n,)](delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
-                    hits, layer, hidden, acc.shape[1], start.shape[1], delta.stride(0),
-                    residual.stride(0), BLOCK=block, NC=cslot.shape[1], NS=NSCAL,
-                    num_warps=warps)
+    _kernel()[(triton.cdiv(n, TOK),)](
+        delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits, n,
+        layer, hidden, acc.shape[1], start.shape[1], delta.stride(0), residual.stride(0),
+        BLOCK=block, NS=NSCAL, TOK=TOK, num_warps=warps)
 
 
 def _register():
