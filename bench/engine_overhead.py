@@ -168,6 +168,8 @@ def main(argv=None) -> dict:
             if runner_env is not None:
                 os.environ[V2_ENV] = runner_env
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if compiled is not None:  # as many concurrent sequences as plain vLLM's default on this card
+        common["max_num_seqs"] = int(compiled.llm_engine.vllm_config.scheduler_config.max_num_seqs)
     engines: dict[str, SteeringEngine] = {}
     for sp in paths:
         share = args.gpu_memory_utilization if sp == "eager" else (
@@ -236,6 +238,7 @@ def main(argv=None) -> dict:
                 args.json.write_text(json.dumps({"partial": True, "start_s": start_s,
                                                  "raw": rates}, indent=2))
         info = {"model": args.model, "shape": args.shape, "path": path, "paths": paths,
+                "max_num_seqs": common.get("max_num_seqs"),
                 "load_format": load_format, "dtype": args.dtype, "layers": eng.num_layers,
                 "hidden": eng.hidden_size, "runner": eng.runner_kind, "prompts": args.prompts,
                 "prompt_len": args.prompt_len, "tokens": args.tokens, "reps": args.reps,

@@ -134,9 +134,12 @@ else:
                             coef = tl.load(scal_ptr + e * NS + 2)
                             lo = tl.load(scal_ptr + e * NS + 3)
                             hi = tl.load(scal_ptr + e * NS + 4)
-                            p = tl.sum((h0 + dh) * v, axis=0) * pm
-                            shift = coef * p + tl.minimum(tl.maximum(p, lo), hi) - p
-                            dh = dh + (a + shift) * v
+                            if pm != 0.0:  # cap / ablation: project (adds skip the reduction)
+                                p = tl.sum((h0 + dh) * v, axis=0)
+                                shift = coef * p + tl.minimum(tl.maximum(p, lo), hi) - p
+                                dh = dh + (a + shift) * v
+                            else:
+                                dh = dh + a * v
                         nd = (d + dh).to(d_raw.dtype, fp_downcast_rounding="rtne")
                         tl.store(delta_ptr + t * stride_d + offs, nd, mask=m)
                         x = nd.to(tl.float32) + r
@@ -180,10 +183,14 @@ def triton_impl(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool
         return
     block = triton.next_power_of_2(hidden)
     warps = 4 if block <= 2048 else 8 if block <= 4096 else 16
-    _kernel()[(triton.cdiv(n, TOK),)](
+    # Decode-sized batches (one row per request, each its own capture slot) get one program
+    # per row so every SM has work; prefill-sized ones pre-reduce runs of TOK rows. ``n`` is
+    # the CUDA graph's static size, known when the graph is captured.
+    tok = 1 if n <= 1024 else TOK
+    _kernel()[(triton.cdiv(n, tok),)](
         delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits, n,
         layer, hidden, acc.shape[1], start.shape[1], delta.stride(0), residual.stride(0),
-        BLOCK=block, NS=NSCAL, TOK=TOK, num_warps=warps)
+        BLOCK=block, NS=NSCAL, TOK=tok, num_warps=warps)
 
 
 def _register():
