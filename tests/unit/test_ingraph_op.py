@@ -122,5 +122,5 @@ def test_triton_kernel_in_interpreter_matches_reference():
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
     out = subprocess.run([sys.executable, "-c", _INTERP.format(root=root)], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

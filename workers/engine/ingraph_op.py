@@ -104,7 +104,7 @@ else:
         a1 = a0
         a2 = a0
         a3 = a0
-        for i in range(0, TOK):
+        for i in range(TOK):
             t = pid * TOK + i
             if t < n:
                 row = tl.load(srow_ptr + t)
@@ -126,7 +126,7 @@ else:
                         h0 = x
                         dh = tl.zeros([BLOCK], dtype=tl.float32)
                         first = tl.load(start_ptr + layer * R1 + row)
-                        for k in range(0, nk):
+                        for k in range(nk):
                             e = (first + k).to(tl.int64)
                             v = tl.load(vec_ptr + e * H + offs, mask=m, other=0.0)
                             a = tl.load(scal_ptr + e * NS)
