@@ -65,6 +65,8 @@ class EngineSettings(BaseSettings):
     tensor_parallel_size: int = 1
     oom_min_batch: int = 1  # OOM retries halve the batch down to this floor
     memory_slack_mb: int = 512  # GPU memory above baseline tolerated after cleanup
+    # prompts of the warm-up batch run before the warm baseline is read (0 = none)
+    warmup_prompts: int = 64
     # Serve a decoder-layer class outside the verified families (workers/engine/families.py),
     # for experiments: every artifact then records unverified_family. The engine's start-up
     # stream check still refuses a layer whose output is not (delta, residual).

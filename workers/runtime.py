@@ -148,10 +148,26 @@ class EngineRuntime:
             log.info("worker %s loading %s (%s)", self.worker_name, model, dtype)
             self.engine = self._loader(model, dtype, self.settings)
             self.model, self.dtype = model, dtype
+            self._warm_up()
             gpu.free_process_memory()
             self.baseline_warm = gpu.memory(self.gpu)
             self.state = "idle"
             return self.engine
+
+    def _warm_up(self) -> None:
+        """Run a small job-shaped batch before the warm baseline is read, so the baseline
+        holds vLLM's steady state (allocator pools, sampler and capture buffers grown by the
+        first real batch) and not the state right after load: measured on an H200 (8B shape),
+        a warm worker read 2.8 GB above its load-time baseline after every job and restarted
+        its engine each time. Only where GPU memory is read (no baseline on CPU hosts)."""
+        n = int(self.settings.engine.warmup_prompts)
+        warm = getattr(self.engine, "warm_up", None)
+        if n <= 0 or warm is None or gpu.memory(self.gpu) is None:
+            return
+        try:
+            warm(n)
+        except Exception:  # noqa: BLE001 - the baseline is then read without it
+            log.exception("worker %s: engine warm-up failed", self.worker_name)
 
     def cleanup(self, *, on_event: EventSink | None = None) -> dict:
         """After a job or a failure: free, check memory against the warm baseline, restart

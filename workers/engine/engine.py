@@ -291,6 +291,18 @@ class SteeringEngine:
                 "residual + delta is not the stream the next layer starts from, so captures "
                 "and cap/ablate steering would be wrong; refusing to serve", worst)
 
+    def warm_up(self, n: int = 64, prompt_len: int = 128, max_tokens: int = 16) -> None:
+        """A job-shaped batch (generate with capture, then the exact re-read) whose results
+        are dropped: the worker reads its warm memory baseline after this."""
+        vocab = max(16, min(len(self.tokenizer), 4096))
+        prompts = [[3 + (i * 131 + j * 7) % (vocab - 3) for j in range(prompt_len)]
+                   for i in range(n)]
+        spec = RequestSpec(capture=CaptureSpec(), key="warm-up")
+        res = self.generate(prompts, SamplingOptions(max_tokens=max_tokens, ignore_eos=True),
+                            spec)
+        self.capture([p + r.token_ids for p, r in zip(prompts, res)], spec,
+                     prompt_lens=[len(p) for p in prompts])
+
     def _check_scheduler(self) -> None:
         sched = getattr(getattr(self._llm.llm_engine, "vllm_config", None), "scheduler_config",
                         None)
