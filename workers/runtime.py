@@ -166,7 +166,7 @@ class EngineRuntime:
             return
         try:
             warm(n)
-        except Exception:  # noqa: BLE001 - the baseline is then read without it
+        except Exception:
             log.exception("worker %s: engine warm-up failed", self.worker_name)
 
     def cleanup(self, *, on_event: EventSink | None = None) -> dict:
