@@ -15,6 +15,11 @@
 #   4:                                     (OUT=$OUT/l0 PARITY_K=float32 CHATSPACE_TEST_GPU_INDEX=0 ... parity &
 #                                           OUT=$OUT/l1 PARITY_K="not float32" CHATSPACE_TEST_GPU_INDEX=1 ... parity; wait)
 #   diag and cleanup: the same way, one lane each.
+# The in-graph path (2026-11-30, 2x H200, ~26 min of device time in all, each after the unpack call):
+#   (CHATSPACE_TEST_GPU_INDEX=0 bash scripts/gpu-check.sh ingraph &
+#    CHATSPACE_TEST_GPU_INDEX=1 BENCH_ARGS="--paths ingraph --prompts 288 --prompt-len 256 --tokens 128 \
+#      --reps 3 --gpu-memory-utilization 0.45 --compiled-share 0.45" bash scripts/gpu-check.sh bench-8b; wait)
+#   (... BENCH_ARGS="--paths ingraph --prompts 768 --prompt-len 256 --tokens 128 --reps 3" ... bench-0.6b & ... bench-8b)
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
 # back); the bench JSON belongs in bench/results/.
