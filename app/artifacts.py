@@ -155,7 +155,7 @@ SIDECAR_SCHEMA = "chatspace.persona_vectors"
 
 
 def build_vector_sidecar(vectors, *, persona: str, kind: str, layers: list[int],
-                         scores: dict | None = None) -> bytes:
+                         scores: dict | None = None, extra_metadata: dict | None = None) -> bytes:
     """A persona's vectors and the persona side of its vectors against ``default``
     (``app.vectors.Pending``), small enough for the job's end to read every persona's
     without downloading their activations."""
@@ -171,7 +171,7 @@ def build_vector_sidecar(vectors, *, persona: str, kind: str, layers: list[int],
                          "min_count": p.min_count}
     meta = {"schema": SIDECAR_SCHEMA, "persona": persona, "kind": kind, "layers": layers,
             "counts": vectors.counts, "pending": pending, "scores": scores or {},
-            "params": vectors.params}
+            "params": vectors.params, **(extra_metadata or {})}
     if not tensors:  # safetensors needs one tensor; an empty marker keeps the file valid
         tensors["empty"] = np.zeros((0,), np.float32)
     return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True, default=str)})

@@ -233,7 +233,9 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
     side = ctx.store.put_bytes(stem + ".vectors.safetensors",
                                build_vector_sidecar(vectors, persona=ctx.persona,
                                                     kind=dataset.kind, layers=layers,
-                                                    scores=score_info), overwrite=True)
+                                                    scores=score_info,
+                                                    extra_metadata=provenance(ctx.engine)),
+                               overwrite=True)
     extra = [_obj(meta_obj), _obj(side)]
     if getattr(ctx.settings, "write_pt", False):
         extra.append(_obj(ctx.store.put_bytes(stem + ".pt", to_pt(read_persona_artifact(data)),

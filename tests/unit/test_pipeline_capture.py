@@ -196,12 +196,17 @@ def test_unverified_family_recorded_in_every_artifact(tmp_path):
     assert "unverified_family" not in read_persona_artifact(
         ctx.store.get_bytes(pipeline.run_item(ctx).artifact_key)).metadata
     engine.unverified_family = "Glm4DecoderLayer"
+    ctx.settings = ctx.settings.model_copy(update={"write_pt": True})  # the .pt on request
     result = pipeline.run_item(ctx)
     assert read_persona_artifact(ctx.store.get_bytes(result.artifact_key)).metadata[
         "unverified_family"] == "Glm4DecoderLayer"
-    extra = {e["key"].rsplit(".", 1)[1]: e["key"] for e in result.extra}
+    extra = {e["key"].split(".", 1)[1]: e["key"] for e in result.extra}
     assert json.loads(ctx.store.get_bytes(extra["json"]))["unverified_family"] == \
         "Glm4DecoderLayer"
+    from app.artifacts import read_vector_sidecar
+
+    assert read_vector_sidecar(ctx.store.get_bytes(extra["vectors.safetensors"]))[1][
+        "unverified_family"] == "Glm4DecoderLayer"
     pt = torch.load(io.BytesIO(ctx.store.get_bytes(extra["pt"])), weights_only=True)
     assert pt["metadata"]["unverified_family"] == "Glm4DecoderLayer"
     assert result.info["unverified_family"] == "Glm4DecoderLayer"
