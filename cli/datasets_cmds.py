@@ -181,11 +181,15 @@ def artifacts_export(ctx, job_id, fmt, output):
 
 
 def register(cli: click.Group) -> None:
-    """Add the commands to the ``datasets`` and ``artifacts`` groups (found by name)."""
+    """Add the commands to the ``datasets`` and ``artifacts`` groups (found by name), with
+    their ``--help`` examples (cli/help.py)."""
+    from cli.help import add_examples
+
     datasets = cli.commands["datasets"]
     for cmd in (datasets_pull, datasets_validate, datasets_ls):
         datasets.add_command(cmd)
     cli.commands["artifacts"].add_command(artifacts_export)
+    add_examples(cli)
 
 
 def pull_if_missing(name: str) -> None:
