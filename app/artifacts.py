@@ -151,6 +151,52 @@ def read_persona_artifact(data: bytes) -> PersonaArtifact:
     )
 
 
+SIDECAR_SCHEMA = "chatspace.persona_vectors"
+
+
+def build_vector_sidecar(vectors, *, persona: str, kind: str, layers: list[int],
+                         scores: dict | None = None, extra_metadata: dict | None = None) -> bytes:
+    """A persona's vectors and the persona side of its vectors against ``default``
+    (``app.vectors.Pending``), small enough for the job's end to read every persona's
+    without downloading their activations."""
+    from safetensors.numpy import save
+
+    tensors = {f"vectors.{n}": np.ascontiguousarray(v, dtype=np.float32)
+               for n, v in vectors.vectors.items()}
+    pending = {}
+    for name, p in vectors.pending.items():
+        if p.persona_mean is not None:
+            tensors[f"pending.{name}"] = np.ascontiguousarray(p.persona_mean, dtype=np.float32)
+        pending[name] = {"kind": p.kind, "default_keys": p.default_keys,
+                         "min_count": p.min_count}
+    meta = {"schema": SIDECAR_SCHEMA, "persona": persona, "kind": kind, "layers": layers,
+            "counts": vectors.counts, "pending": pending, "scores": scores or {},
+            "params": vectors.params, **(extra_metadata or {})}
+    if not tensors:  # safetensors needs one tensor; an empty marker keeps the file valid
+        tensors["empty"] = np.zeros((0,), np.float32)
+    return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True, default=str)})
+
+
+def read_vector_sidecar(data: bytes):
+    """(VectorSet with vectors and pending, metadata) from :func:`build_vector_sidecar`."""
+    from safetensors.numpy import load
+
+    from app.vectors import Pending, VectorSet
+
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(json.loads(data[8:8 + n])["__metadata__"][_META_KEY])
+    if meta.get("schema") != SIDECAR_SCHEMA:
+        raise StorageError("not a persona vectors file")
+    tensors = load(data)
+    vs = VectorSet(
+        vectors={k[len("vectors."):]: v for k, v in tensors.items() if k.startswith("vectors.")},
+        counts=meta.get("counts", {}), params=meta.get("params", {}),
+        pending={name: Pending(p["kind"], list(p["default_keys"]),
+                               tensors.get(f"pending.{name}"), int(p.get("min_count", 1)))
+                 for name, p in meta.get("pending", {}).items()})
+    return vs, meta
+
+
 def to_pt(artifact: PersonaArtifact) -> bytes:
     """The older ``.pt`` layout (a pickle: export only, loadable with ``weights_only=True``)."""
     import io

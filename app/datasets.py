@@ -9,10 +9,24 @@ a researcher points the service at folders they have today, unchanged:
                                     (any single *.jsonl, e.g. extraction_questions.jsonl)
       extract_scores/<persona>.json optional judge scores: sample key -> number | "REFUSAL"
 
+The public release (safety-research/assistant-axis ``data/``) keeps the shared questions one
+level up, beside ``traits/`` and ``roles/`` (``data/extraction_questions.jsonl``): when the
+dataset folder has no questions file, ``../extraction_questions.jsonl`` (or
+``../questions.jsonl``) is used, so ``datasets_root`` may point at a checkout's ``data/``.
+
 A persona file holds ``instruction`` (a list of ``{"pos", "neg"}`` system-prompt pairs for
-traits, ``{"pos"}`` for roles), optional ``questions`` (used only when the dataset has no
-shared questions file, as in the public pipelines) and optional ``eval_prompt``. A persona
-named ``default`` holds neutral prompts (``""`` means no system prompt at all).
+traits, ``{"pos"}`` for roles), optional ``questions`` and optional ``eval_prompt``. The shared
+questions drive capture (the public ``1_generate.py``: 5 prompts x 240 questions); a file's own
+``questions`` are its evaluation questions (rollout jobs), and drive capture only when the
+dataset has no shared questions file. A persona named ``default`` holds neutral prompts
+(``""`` means no system prompt at all; the release's ``default.json`` has only
+``instruction``). ``{model_name}`` in a prompt is filled with the model's display name
+(:func:`app.prompts.model_display_name`), as the public generator does; no other placeholder
+is allowed.
+
+The default persona is captured once per job: other personas' samples carry only their own
+labels (pos, and neg for traits), and vectors against ``default`` pair them with the default
+persona's samples of the same prompt and question index (:mod:`app.derive`).
 
 Samples are keyed ``"{label}_p{prompt_index}_q{question_index}"`` exactly as the public
 activation and score files are, so their ``extract_scores`` files line up with our artifacts.
@@ -41,7 +55,12 @@ DEFAULT_PERSONA = "default"
 LABELS = ("pos", "neg", "default")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SHARED_QUESTIONS = "questions.jsonl"
+PARENT_QUESTIONS = ("extraction_questions.jsonl", SHARED_QUESTIONS)  # one level up (release)
 SCORES_DIR = "extract_scores"
+# Named datasets `chatspace-jobs datasets pull` can fetch (app/release.py).
+PULLABLE = ("traits_240", "roles_240")
+PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+PLACEHOLDERS = ("model_name",)
 
 
 # ---------------------------------------------------------------------------------- model
@@ -58,9 +77,10 @@ class Question:
 class Persona:
     name: str
     instructions: list[dict]  # [{"pos": str, "neg": str}] (traits) or [{"pos": str}] (roles)
-    questions: list[Question]  # the dataset's shared questions, else the persona's own
+    questions: list[Question]  # capture: the dataset's shared questions, else the persona's own
     eval_prompt: str | None
     file: str  # path inside the dataset folder
+    eval_questions: list[Question] = field(default_factory=list)  # the file's own questions
 
 
 @dataclass(frozen=True)
@@ -96,9 +116,12 @@ class DatasetSummary:
     name: str
     kind: str  # traits | roles | invalid
     personas: int
-    samples: int
+    samples: int  # what a capture job captures (the default persona once)
     root: str
     problems: int = 0
+    questions: int = 0  # shared capture questions (0: personas carry their own)
+    has_default: bool = False
+    error: str | None = None  # first problem, for listings
 
 
 @dataclass
@@ -120,20 +143,22 @@ class Dataset:
                 hint=f"available: {', '.join(self.personas)}",
             ) from None
 
-    def samples(self, persona: str, *, max_samples: int | None = None,
-                include_default: bool | None = None) -> list[Sample]:
+    def samples(self, persona: str, *, questions: int | None = None,
+                model_name: str | None = None, purpose: str = "capture",
+                max_samples: int | None = None,
+                include_default: bool = False) -> list[Sample]:
         """The samples of one persona, in a fixed order (prompt, then question, then label).
 
-        pos (and neg for traits) come from the persona's instructions; ``default`` samples use
-        the ``default`` persona's prompts on the same questions, as the public pipelines pair
-        them (``pos_default``, ``default_1``). ``include_default`` defaults to "when the
-        dataset has a default persona". Truncating with ``max_samples`` keeps pairs together
-        because the labels of one (prompt, question) are adjacent.
+        ``questions`` keeps the first N questions (the public ``--question_count``);
+        ``purpose="eval"`` uses the persona file's own questions (rollout), else the shared
+        capture questions. ``model_name`` fills ``{model_name}`` (the display name; required
+        when a prompt has the placeholder). The default persona is captured once per job, so
+        other personas carry no ``default`` samples unless ``include_default`` asks for them
+        (kept adjacent to their pos/neg pair). ``max_samples`` truncates the list (a quick
+        look; it drops whole questions of later prompts, so vectors then see fewer pairs).
         """
         p = self.persona(persona)
         default = self.personas.get(DEFAULT_PERSONA)
-        if include_default is None:
-            include_default = default is not None
         sources: list[tuple[str, list[dict], str]] = []
         if persona == DEFAULT_PERSONA:
             sources.append(("default", p.instructions, "pos"))
@@ -143,23 +168,41 @@ class Dataset:
                 sources.append(("neg", p.instructions, "neg"))
             if include_default and default is not None:
                 sources.append(("default", default.instructions, "pos"))
+        qs = (p.eval_questions or p.questions) if purpose == "eval" else p.questions
+        if questions is not None:
+            qs = qs[:questions]
         n_prompts = max(len(instr) for _, instr, _ in sources)
         out: list[Sample] = []
         for pi in range(n_prompts):
-            for q in p.questions:
+            for q in qs:
                 for label, instr, side in sources:
                     if pi >= len(instr):
                         continue
                     out.append(Sample(
                         key=f"{label}_p{pi}_q{q.index}", label=label, prompt_index=pi,
-                        question_index=q.index, system_prompt=instr[pi][side], question=q.text,
+                        question_index=q.index,
+                        system_prompt=fill_prompt(instr[pi][side], model_name),
+                        question=q.text,
                     ))
                     if max_samples is not None and len(out) >= max_samples:
                         return out
         return out
 
-    def sample_count(self, persona: str) -> int:
-        return len(self.samples(persona))
+    def sample_count(self, persona: str, *, questions: int | None = None) -> int:
+        """Samples of one persona without building them (the counts ``datasets ls`` shows)."""
+        p = self.persona(persona)
+        n_q = len(p.questions) if questions is None else min(questions, len(p.questions))
+        labels = 1 if persona == DEFAULT_PERSONA or self.kind == "roles" else 2
+        return len(p.instructions) * n_q * labels
+
+    def job_sample_count(self, *, personas: list[str] | None = None,
+                         questions: int | None = None) -> int:
+        """Samples a capture job over ``personas`` (default: all) captures: each persona's
+        own, plus the default persona once when the dataset has one."""
+        names = [n for n in (personas or self.personas) if n != DEFAULT_PERSONA]
+        if DEFAULT_PERSONA in self.personas:
+            names.append(DEFAULT_PERSONA)
+        return sum(self.sample_count(n, questions=questions) for n in names)
 
     def read(self, relpath: str) -> bytes | None:
         """Raw bytes of a file inside the dataset, or None when it is absent."""
@@ -180,6 +223,10 @@ class _Source:
     def read(self, relpath: str) -> bytes | None:
         raise NotImplementedError
 
+    def read_parent(self, filename: str) -> bytes | None:
+        """A file beside the dataset folder (the release's shared questions), or None."""
+        raise NotImplementedError
+
 
 class _LocalSource(_Source):
     def __init__(self, path: Path):
@@ -195,6 +242,10 @@ class _LocalSource(_Source):
 
     def read(self, relpath: str) -> bytes | None:
         f = self.path / relpath
+        return f.read_bytes() if f.is_file() else None
+
+    def read_parent(self, filename: str) -> bytes | None:
+        f = self.path.parent / filename
         return f.read_bytes() if f.is_file() else None
 
 
@@ -220,6 +271,21 @@ class _S3Source(_Source):
                 return None
             raise
         return obj["Body"].read()
+
+    def read_parent(self, filename: str) -> bytes | None:
+        parent = self.prefix.rsplit("/", 1)[0] if "/" in self.prefix else ""
+        key = f"{parent}/{filename}" if parent else filename
+        return self._top(key)
+
+    def _top(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
 
 
 def _s3_list(client, bucket: str, prefix: str, *, dirs: bool = False) -> Iterator[str]:
@@ -272,8 +338,32 @@ def check_name(name: str, what: str = "dataset") -> str:
     return name
 
 
+def fill_prompt(text: str, model_name: str | None) -> str:
+    """``{model_name}`` filled as the public generator does (``str.replace``; the release's
+    other braces stay as written). Without a name, a prompt that needs one is refused."""
+    if "{model_name}" not in text:
+        return text
+    if not model_name:
+        raise SpecInvalid("a prompt contains {model_name} but no model display name was given",
+                          field="params.model_name", hint="pass the model's display name")
+    return text.replace("{model_name}", model_name)
+
+
 def _root(settings) -> str:
-    return settings.datasets_root or str(SAMPLES_DIR)
+    """Where ``pull`` writes and the first place names are looked up."""
+    return settings.datasets_root or str(Path(settings.data_dir) / "datasets")
+
+
+def _roots(settings) -> list[str]:
+    """Roots searched for a name: the configured one; with none configured, the local
+    datasets folder under ``data_dir`` (where ``pull`` writes) and then the shipped samples."""
+    if settings.datasets_root:
+        return [settings.datasets_root]
+    return [_root(settings), str(SAMPLES_DIR)]
+
+
+def pull_command(name: str) -> str:
+    return f"chatspace-jobs datasets pull {name}"
 
 
 def _names_under(root: str, settings) -> list[str]:
@@ -282,20 +372,28 @@ def _names_under(root: str, settings) -> list[str]:
         names = _s3_list(_client(settings), bucket, f"{prefix}/" if prefix else "", dirs=True)
     else:
         base = Path(root)
-        names = (p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else ()
+        try:
+            names = [p.name for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
+        except OSError as e:  # an unreadable root lists nothing rather than failing
+            log.warning("cannot list datasets under %s: %s", root, e)
+            names = []
     return sorted(n for n in names if NAME_RE.match(n) and ".." not in n)
 
 
 def _source_for(name: str, settings) -> _Source:
     check_name(name)
-    root = _root(settings)
-    available = _names_under(root, settings)
-    if name not in available:
-        raise DatasetNotFound(
-            f"dataset '{name}' not found under {root}", field="dataset",
-            hint=f"available: {', '.join(available) or 'none'}",
-        )
-    return _open(name, root, settings)
+    available: list[str] = []
+    for root in _roots(settings):
+        here = _names_under(root, settings)
+        if name in here:
+            return _open(name, root, settings)
+        available += [n for n in here if n not in available]
+    where = " or ".join(_roots(settings))
+    hint = f"available: {', '.join(available) or 'none'}"
+    if name in PULLABLE:
+        hint = f"get it with `{pull_command(name)}`; {hint}"
+    raise DatasetNotFound(f"dataset '{name}' not found under {where}", field="dataset",
+                          hint=hint)
 
 
 def _open(name: str, root: str, settings) -> _Source:
@@ -348,17 +446,30 @@ def validate_dataset(path_or_name: str | Path, *, settings=None) -> list[Problem
 
 
 def list_datasets(*, settings=None) -> list[DatasetSummary]:
-    """What is under the datasets root, with persona and sample counts (invalid ones too)."""
+    """What is under the datasets root(s), with persona counts and the samples a capture job
+    would take (the default persona once). A folder that cannot be opened or parsed (a
+    symlink out of the root, unreadable files, bad JSON) is listed as invalid with its first
+    problem; it never hides the others."""
     settings = _settings(settings)
-    root = _root(settings)
-    out = []
-    for name in _names_under(root, settings):
-        ds, problems = _parse(name, _open(name, root, settings))
-        if problems or ds is None:
-            out.append(DatasetSummary(name, "invalid", 0, 0, root, len(problems)))
-            continue
-        samples = sum(ds.sample_count(p) for p in ds.personas)
-        out.append(DatasetSummary(name, ds.kind, len(ds.personas), samples, ds.root))
+    out, seen = [], set()
+    for root in _roots(settings):
+        for name in _names_under(root, settings):
+            if name in seen:  # an earlier root shadows this one, as lookups do
+                continue
+            seen.add(name)
+            try:
+                ds, problems = _parse(name, _open(name, root, settings))
+            except Exception as e:  # noqa: BLE001 - one broken folder must not hide the rest
+                msg = getattr(e, "message", None) or f"{e.__class__.__name__}: {e}"
+                out.append(DatasetSummary(name, "invalid", 0, 0, root, 1, error=msg))
+                continue
+            if problems or ds is None:
+                out.append(DatasetSummary(name, "invalid", 0, 0, root, len(problems),
+                                          error=str(problems[0]) if problems else None))
+                continue
+            out.append(DatasetSummary(
+                name, ds.kind, len(ds.personas), ds.job_sample_count(), ds.root,
+                questions=len(ds.questions), has_default=DEFAULT_PERSONA in ds.personas))
     return out
 
 
@@ -470,14 +581,23 @@ def _shared_questions(src: _Source, files: list[str], problems: list[Problem]):
     candidates = [f for f in files if "/" not in f and f.endswith(".jsonl")]
     if SHARED_QUESTIONS in candidates:
         candidates = [SHARED_QUESTIONS]
-    if not candidates:
-        return [], None
+    raw = None
+    if not candidates:  # the release layout: data/extraction_questions.jsonl beside traits/
+        for name in PARENT_QUESTIONS:
+            raw = src.read_parent(name)
+            if raw is not None:
+                candidates = [f"../{name}"]
+                break
+        if raw is None:
+            return [], None
     if len(candidates) > 1:
         problems.append(Problem(".", f"several questions files ({', '.join(candidates)}); "
                                 f"name the one to use {SHARED_QUESTIONS}"))
         return [], None
     file = candidates[0]
-    text = _decode_text(src.read(file) or b"", file, None, problems)
+    if raw is None:
+        raw = src.read(file) or b""
+    text = _decode_text(raw, file, None, problems)
     if text is None:
         return [], file
     questions: list[Question] = []
@@ -552,6 +672,12 @@ def _parse_persona(name: str, file: str, raw: bytes, shared: list[Question],
                     problems.append(Problem(file, "empty instruction (only the default persona "
                                             "may use \"\" for no system prompt)", name,
                                             f"{f}.{side}"))
+                else:
+                    unknown = [m for m in PLACEHOLDER_RE.findall(v) if m not in PLACEHOLDERS]
+                    if unknown:
+                        problems.append(Problem(
+                            file, f"unknown placeholder {{{unknown[0]}}}: only {{model_name}} "
+                            "is filled in; write the text out", name, f"{f}.{side}"))
             if not has_neg and "neg" in item:
                 problems.append(Problem(file, "has \"neg\" but instruction[0] does not: give "
                                         "every entry a neg (traits) or none (roles)", name,
@@ -561,16 +687,22 @@ def _parse_persona(name: str, file: str, raw: bytes, shared: list[Question],
         problems.append(Problem(file, "must be a string", name, "eval_prompt"))
     questions = shared
     own = data.get("questions")
+    eval_questions: list[Question] = []
     if own is not None and (not isinstance(own, list) or not all(
             isinstance(q, str) and q.strip() for q in own)):
-        problems.append(Problem(file, "must be a list of non-empty strings", name, "questions"))
-    elif not shared and shared_file is None:
-        if not own:
-            problems.append(Problem(file, "empty questions: add \"questions\" here or a "
-                                    f"shared {SHARED_QUESTIONS}", name, "questions"))
-        else:
-            questions = [Question(i, i, q) for i, q in enumerate(own)]
+        bad = next((i for i, q in enumerate(own) if not (isinstance(q, str) and q.strip())),
+                   None) if isinstance(own, list) else None
+        problems.append(Problem(file, "must be a list of non-empty strings", name,
+                                "questions" if bad is None else f"questions[{bad}]"))
+    else:
+        eval_questions = [Question(i, i, q) for i, q in enumerate(own or [])]
+        if not shared and shared_file is None:
+            if not own:
+                problems.append(Problem(file, "empty questions: add \"questions\" here or a "
+                                        f"shared {SHARED_QUESTIONS}", name, "questions"))
+            else:
+                questions = eval_questions
     if len(problems) > before:
         return None
     return Persona(name=name, instructions=[dict(i) for i in instr], questions=questions,
-                   eval_prompt=eval_prompt, file=file)
+                   eval_prompt=eval_prompt, file=file, eval_questions=eval_questions)

@@ -78,8 +78,10 @@ def create_job(session: Session, *, kind: str, dataset: str, model: str, dtype: 
                queue: str | None = None, artifact_prefix: str | None = None) -> Job:
     """A queued job with one queued item per persona, in the given order.
 
-    ``personas`` defaults to every persona of the dataset except ``default`` (whose samples
-    are folded into each persona's item); ``queue`` to the (model, dtype) pool's queue.
+    ``personas`` defaults to every persona of the dataset, with ``default`` first for a
+    capture job (captured once, read by every persona's vectors against it; rollouts leave
+    it out), as :func:`app.submit.select_personas` chooses; ``queue`` to the (model, dtype)
+    pool's queue.
     """
     if kind not in {k.value for k in JobKind}:
         raise SpecInvalid(f"unknown job kind {kind!r}", field="kind",
@@ -89,7 +91,9 @@ def create_job(session: Session, *, kind: str, dataset: str, model: str, dtype: 
     if personas is None:
         from app.datasets import DEFAULT_PERSONA, load_dataset
 
-        personas = [p for p in load_dataset(dataset).personas if p != DEFAULT_PERSONA]
+        names = list(load_dataset(dataset).personas)
+        first = [DEFAULT_PERSONA] if DEFAULT_PERSONA in names and kind == "capture" else []
+        personas = first + [p for p in names if p != DEFAULT_PERSONA]
     personas = list(personas)
     if not personas or not all(isinstance(p, str) and p for p in personas):
         raise SpecInvalid("a job needs at least one persona name", field="personas")

@@ -161,3 +161,23 @@ def config_provenance(model: str, settings=None) -> dict:
             return {"config_sha256": hashlib.sha256(data).hexdigest(), "revision": revision,
                     "config_path": str(path)}
     return {"config_sha256": None, "revision": None, "config_path": None}
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_tokenizers: dict[str, object] = {}
+
+
+def local_tokenizer(model: str, *, settings=None):
+    """The model's tokenizer when its files are on this machine (the folders
+    :func:`resolve` reads configs from), else None; never downloads. Cached per folder."""
+    for path in _config_candidates(model, settings):
+        folder = path.parent
+        if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            continue
+        key = str(folder)
+        if key not in _tokenizers:
+            from transformers import AutoTokenizer
+
+            _tokenizers[key] = AutoTokenizer.from_pretrained(key, local_files_only=True)
+        return _tokenizers[key]
+    return None

@@ -45,6 +45,20 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def model_display_name(model: str) -> str:
+    """The name ``{model_name}`` becomes in prompts (``You are {model_name}.``), chosen as
+    the public generator chooses its short name (safety-research/assistant-axis
+    ``assistant_axis/models.py`` lines 68-78): Gemma, Qwen, Llama or Mistral by family, else
+    the model id's last path segment up to its first '-'. A job's ``model_name`` param
+    overrides it."""
+    lower = model.lower()
+    for family, name in (("gemma", "Gemma"), ("qwen", "Qwen"), ("llama", "Llama"),
+                         ("mistral", "Mistral")):
+        if family in lower:
+            return name
+    return model.split("/")[-1].split("-")[0]
+
+
 def supports_system_role(tokenizer) -> bool:
     """Whether the chat template renders a system message (Gemma 1/2 raise; some drop it)."""
     try:

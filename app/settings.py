@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     datasets_root: str | None = None  # local folder or s3://bucket/prefix ; None = shipped samples
     artifacts_prefix: str = "chatspace"
+    # Also store a pickled .pt copy of every persona artifact (doubles storage; off: use
+    # `chatspace-jobs artifacts export` when a notebook wants .pt files).
+    write_pt: bool = False
 
     default_model: str = "tiny:qwen3"
     default_dtype: str = "float32"

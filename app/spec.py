@@ -34,7 +34,24 @@ class JobParams(BaseModel):
 
     layers: list[StrictInt] | Literal["all"] | None = Field(
         None, description="layers to capture: a list of indices or 'all' (default all)")
-    max_samples: StrictInt | None = Field(None, description="samples per persona (default all)")
+    max_samples: StrictInt | None = Field(
+        None, description="keep only the first N samples of each persona, in prompt-major "
+                          "order (a quick look: later prompts lose their questions and "
+                          "pairs; to run fewer questions as the public scripts do, use "
+                          "questions)")
+    questions: StrictInt | None = Field(
+        None, description="capture the first N shared questions (the public "
+                          "--question_count; default all, 240 in the release)")
+    personas: list[str] | None = Field(
+        None, description="the personas to run (the public --roles); default all. The "
+                          "default persona is captured once per capture job when the "
+                          "dataset has one")
+    model_name: str | None = Field(
+        None, description="the name filled into {model_name} in prompts (default: from the "
+                          "model id, as the public generator's short name: Qwen, Llama, ...)")
+    axis_from: str | None = Field(
+        None, description="a succeeded roles capture job of the same model: every persona's "
+                          "vectors are projected on its assistant axis (axis.json)")
     batch_size: StrictInt | None = Field(sampling.BATCH_SIZE,
                                          description="prompts per engine batch")
     max_tokens: StrictInt | None = Field(sampling.MAX_TOKENS,

@@ -107,7 +107,8 @@ def check_params(p: dict, *, kind: str, info: ModelInfo | None) -> dict:
                 raise SpecInvalid(f"layer {layer} is listed twice", field=f"params.layers[{i}]")
             seen.add(layer)
         out["layers"] = sorted(seen)
-    bounds = {"max_samples": MAX_SAMPLES, "batch_size": MAX_BATCH, "max_tokens": MAX_TOKENS}
+    bounds = {"max_samples": MAX_SAMPLES, "batch_size": MAX_BATCH, "max_tokens": MAX_TOKENS,
+              "questions": MAX_SAMPLES, "min_count": MAX_SAMPLES}
     for name, hi in bounds.items():
         if p.get(name) is not None:
             out[name] = _int_in(p[name], f"params.{name}", 1, hi, f"a whole number 1..{hi}")
@@ -122,6 +123,12 @@ def check_params(p: dict, *, kind: str, info: ModelInfo | None) -> dict:
         if not 0 < top_p <= 1:
             raise SpecInvalid(f"{top_p} is out of range", field="params.top_p", hint="in (0, 1]")
         out["top_p"] = top_p
+    if p.get("model_name") is not None:
+        name = p["model_name"]
+        if not isinstance(name, str) or not name.strip() or len(name) > 200 or "{" in name:
+            raise SpecInvalid("must be a non-empty name without braces, at most 200 "
+                              "characters", field="params.model_name", hint="e.g. Qwen")
+        out["model_name"] = name
     if p.get("seed") is not None:
         out["seed"] = _int_in(p["seed"], "params.seed", 0, MAX_SEED, "a non-negative integer")
     for flag in ("capture", "capture_exact"):
@@ -261,6 +268,108 @@ def _artifact_personas(session, job_id: str) -> set[str]:
     return {k.rsplit("/", 1)[-1].rsplit(".", 1)[0] for k in keys if k.endswith(".safetensors")}
 
 
+def check_axis_from(session, job_id, *, model: str, kind: str) -> str:
+    """``axis_from`` names a succeeded roles capture job of the same model with an axis."""
+    field = "params.axis_from"
+    if kind != "capture":
+        raise SpecInvalid("only capture jobs project on an axis", field=field)
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
+        raise SpecInvalid("must be a job id", field=field)
+    src = _get_job(session, job_id) if session is not None else None
+    if src is None:
+        raise SpecInvalid(f"no job {job_id!r}", field=field,
+                          hint="a succeeded roles capture job (`chatspace-jobs list`)")
+    if src.kind != "capture" or src.state != "succeeded" or src.model != model:
+        raise SpecInvalid(f"job {job_id} is a {src.state} {src.kind} job of {src.model}",
+                          field=field, hint=f"a succeeded capture job of {model} over roles")
+    return job_id
+
+
+def select_personas(dataset, wanted, *, kind: str) -> list[str]:
+    """The job's items: the chosen personas (default all) and, for a capture job over a
+    dataset with a default persona, that persona once, first (every vector against
+    ``default`` reads it; it is captured once per job, not once per persona)."""
+    others = [p for p in dataset.personas if p != DEFAULT_PERSONA]
+    if not others:
+        raise SpecInvalid(f"dataset {dataset.name!r} has no persona besides 'default'",
+                          field="dataset", hint="add persona files to it")
+    if wanted is not None:
+        if not isinstance(wanted, list) or not wanted or not all(
+                isinstance(w, str) for w in wanted):
+            raise SpecInvalid("must be a non-empty list of persona names",
+                              field="params.personas", hint="e.g. --personas pirate,poet")
+        unknown = [w for w in wanted if w not in dataset.personas]
+        if unknown:
+            close = [p for p in others if unknown[0][:3].lower() in p.lower()][:8]
+            raise SpecInvalid(f"persona {unknown[0][:80]!r} is not in dataset "
+                              f"{dataset.name!r}", field="params.personas",
+                              hint=(f"similar: {', '.join(close)}" if close else
+                                    "`chatspace-jobs datasets validate "
+                                    f"{dataset.name}` lists them"))
+        others = [p for p in others if p in set(wanted)]
+    has_default = DEFAULT_PERSONA in dataset.personas
+    return ([DEFAULT_PERSONA] if has_default and kind == "capture" else []) + others
+
+
+# Fewest UTF-8 bytes one token can stand for, when no tokenizer is at hand: a bound that
+# never refuses a prompt that fits (a token covers at most a few dozen bytes).
+BYTES_PER_TOKEN_BOUND = 32
+
+
+def check_prompt_lengths(dataset, personas: list[str], params: dict, *, kind: str, model: str,
+                         settings) -> None:
+    """Refuse a prompt (system prompt + question) that cannot fit the model's context,
+    naming the file, persona and field, before anything is queued. Exact with the model's
+    tokenizer when it is on this machine (local files only), else a lower bound from bytes."""
+    from app.prompts import model_display_name
+
+    limit = int(settings.engine.max_model_len)
+    name = params.get("model_name") or model_display_name(model)
+    count, exact = _token_counter(model, settings)
+    purpose = "eval" if kind == "rollout" else "capture"
+    seen: set[tuple[str, str]] = set()
+    for persona in personas:
+        p = dataset.personas[persona]
+        qs = (p.eval_questions or p.questions) if purpose == "eval" else p.questions
+        qs = qs[: params["questions"]] if params.get("questions") else qs
+        longest_q = max(qs, key=lambda q: len(q.text.encode()), default=None)
+        if longest_q is None:
+            continue
+        sides = ("pos",) if persona == DEFAULT_PERSONA or dataset.kind == "roles" else ("pos", "neg")
+        for i, instr in enumerate(p.instructions):
+            for side in sides:
+                system = instr[side].replace("{model_name}", name)
+                if (system, longest_q.text) in seen:
+                    continue
+                seen.add((system, longest_q.text))
+                n = count(system, longest_q.text)
+                if n >= limit:
+                    what = "tokens" if exact else "tokens at least (from its UTF-8 size)"
+                    raise SpecInvalid(
+                        f"{p.file}: persona {persona!r}, instruction[{i}].{side} with question "
+                        f"{longest_q.index} ({'shared questions' if p.questions is qs else 'questions'}"
+                        f"[{longest_q.index}]) is {n} {what}; the model's context is {limit}",
+                        field="dataset",
+                        hint="shorten that prompt or question, or raise "
+                             "CHATSPACE_ENGINE_MAX_MODEL_LEN if the model allows it")
+
+
+def _token_counter(model: str, settings):
+    """(count(system, question) -> tokens, exact?)."""
+    tok = None
+    try:
+        from app.modelinfo import local_tokenizer
+
+        tok = local_tokenizer(model, settings=settings)
+    except Exception:  # noqa: BLE001 - no tokenizer here: use the bound
+        tok = None
+    if tok is None:
+        return (lambda system, question: (len(system.encode()) + len(question.encode()))
+                // BYTES_PER_TOKEN_BOUND), False
+    return (lambda system, question: len(tok(system + "\n" + question,
+                                            add_special_tokens=False)["input_ids"])), True
+
+
 def validate(session, request: JobSpec, *, settings) -> dict:
     """Every check; returns the job's columns. Raises SpecInvalid naming the field."""
     kind = request.kind
@@ -291,10 +400,15 @@ def validate(session, request: JobSpec, *, settings) -> dict:
     if len(steer) > 256:
         raise SpecInvalid(f"{len(steer)} ops is too many", field="params.steer", hint="<= 256")
     ops = [check_steer_op(op, f"params.steer[{i}]", info) for i, op in enumerate(steer)]
-    personas = [p for p in dataset.personas if p != DEFAULT_PERSONA]
-    if not personas:
-        raise SpecInvalid(f"dataset {dataset.name!r} has no persona besides 'default'",
-                          field="dataset", hint="add persona files to it")
+    personas = select_personas(dataset, raw.get("personas"), kind=kind)
+    if raw.get("personas") is not None:
+        params["personas"] = [p for p in personas if p != DEFAULT_PERSONA]
+    check_prompt_lengths(dataset, personas, params, kind=kind, model=model, settings=settings)
+    if kind == "rollout":
+        personas = [p for p in personas if p != DEFAULT_PERSONA]
+    if raw.get("axis_from") is not None:
+        params["axis_from"] = check_axis_from(session, raw["axis_from"], model=model,
+                                              kind=kind)
     for i, op in enumerate(ops):
         if "from" in op:
             check_steer_refs(session, op, f"params.steer[{i}]", model=model, personas=personas,

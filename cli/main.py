@@ -31,6 +31,7 @@ from cli.common import (
     emit,
     json_option,
 )
+from cli.datasets_cmds import register as register_data_commands
 
 
 @click.group(cls=CliGroup)
@@ -94,7 +95,17 @@ def _params(pairs) -> dict:
 @click.option("--model", default=None, help="default: settings.default_model")
 @click.option("--dtype", default=None, help="bfloat16 | float16 | float32")
 @click.option("--layers", default=None, help="10,20,30 or all (default all)")
-@click.option("--max-samples", type=int, default=None)
+@click.option("--max-samples", type=int, default=None,
+              help="first N samples per persona, prompt-major (a quick look: later prompts "
+                   "lose questions); use --questions to run fewer questions")
+@click.option("--questions", type=int, default=None,
+              help="first N shared questions (the public --question_count)")
+@click.option("--personas", default=None, help="a,b,c: only these personas (public --roles)")
+@click.option("--model-name", default=None, help="fills {model_name} (default: Qwen, Llama...)")
+@click.option("--min-count", type=int, default=None, help="roles: samples per score group (50)")
+@click.option("--axis-from", default=None, help="a roles job: project on its assistant axis")
+@click.option("--pull", "pull_missing", is_flag=True,
+              help="pull a missing published dataset (traits_240, roles_240) first")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--temperature", type=float, default=None)
@@ -114,16 +125,24 @@ def _params(pairs) -> dict:
 @click.option("--wait", is_flag=True, help="show progress until the job ends")
 @json_option
 @click.pass_context
-def submit(ctx, dataset, kind, model, dtype, layers, max_samples, batch_size, max_tokens,
-           temperature, seed, steer_file, capture, judge, responses, stages, more, wait,
-           as_json):
+def submit(ctx, dataset, kind, model, dtype, layers, max_samples, questions, personas,
+           model_name, min_count, axis_from, pull_missing, batch_size, max_tokens, temperature,
+           seed, steer_file, capture, judge, responses, stages, more, wait, as_json):
     """Submit a job over DATASET; prints its id."""
+    if pull_missing:
+        from cli.datasets_cmds import pull_if_missing
+
+        pull_if_missing(dataset)
     c = client(ctx)
     flags = {"layers": _layers(layers), "max_samples": max_samples, "batch_size": batch_size,
              "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
              "steer": _steer(steer_file), "capture": capture or None, "judge": judge,
              "responses": _responses(responses, c),
-             "stages": [x.strip() for x in stages.split(",") if x.strip()] if stages else None}
+             "stages": [x.strip() for x in stages.split(",") if x.strip()] if stages else None,
+             "questions": questions, "model_name": model_name, "min_count": min_count,
+             "axis_from": axis_from,
+             "personas": [p.strip() for p in personas.split(",") if p.strip()]
+             if personas else None}
     params = {**_params(more), **{k: v for k, v in flags.items() if v is not None}}
     body = {"kind": kind, "dataset": dataset, "model": model, "dtype": dtype,
             "params": params}
@@ -282,6 +301,7 @@ def retry(ctx, job_id, as_json):
 
 
 register(cli)
+register_data_commands(cli)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from app.artifacts import recorded_prefix
 from app.db import session_scope
 from app.modelinfo import config_provenance
 from app.models import Artifact, Job, JobItem
+from workers.jobvectors import finish_capture
 
 
 def _version(dist: str) -> str | None:
@@ -73,6 +74,7 @@ def finish(job_id: str, *, settings, store):
     manifest_key = None
     if manifest is not None:
         prefix, body = manifest
+        body["artifacts"] += finish_capture(job_id, prefix, store=store)
         manifest_key = store.write_manifest(prefix, body, overwrite=True).key
     with session_scope() as s:
         return jobs.finish_job_if_done(s, job_id=job_id, manifest_key=manifest_key)

@@ -5,7 +5,10 @@ job's params), then re-read each finished conversation in one exact prefill pass
 per layer, the mean over every assistant-response token (the span :func:`app.prompts.
 build_prompt` computes from the chat template), the prompt-span mean and the last prompt
 token. After the last batch the persona vectors are derived (:mod:`app.vectors`) and the
-artifact (safetensors + JSON metadata, plus the ``.pt`` export) is written to the store. The
+artifact (safetensors + JSON metadata, and a small ``.vectors.safetensors`` the job's end
+reads: :mod:`workers.jobvectors`) is written to the store; a ``.pt`` copy only with
+``CHATSPACE_WRITE_PT`` (``artifacts export`` writes one on demand). The default persona is
+one item of its own, captured once per job; vectors against it finish when the job ends. The
 caller marks the item done only after :func:`run_item` returned the artifact's checksum: a
 crash in between re-does one persona into the same key and never leaves a done item
 without its artifact.
@@ -24,10 +27,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.artifacts import build_persona_artifact, job_prefix, read_persona_artifact, to_pt
-from app.datasets import load_dataset, load_scores
+from app.artifacts import (
+    build_persona_artifact,
+    build_vector_sidecar,
+    job_prefix,
+    read_persona_artifact,
+    to_pt,
+)
+from app.datasets import DEFAULT_PERSONA, SCORES_DIR, load_dataset, load_scores
 from app.errors import SpecInvalid
-from app.prompts import build_prompt, default_template_kwargs
+from app.prompts import build_prompt, default_template_kwargs, model_display_name
 from app.vectors import derive_vectors
 from workers.batching import BatchPolicy, JobCancelled
 from workers.engine.protocol import Engine
@@ -84,13 +93,22 @@ def artifact_key(ctx: ItemContext) -> str:
 def run_item(ctx: ItemContext) -> ItemResult:
     """Compute one persona and store its artifact(s). Raises EngineOOM / JobCancelled."""
     dataset = load_dataset(ctx.dataset, settings=ctx.settings)
-    samples = dataset.samples(ctx.persona, max_samples=ctx.params.max_samples)
+    samples = item_samples(ctx, dataset, ctx.persona)
     if not samples:
         raise SpecInvalid(f"persona {ctx.persona!r} has no samples", field="dataset")
     if ctx.kind not in KINDS:
         raise SpecInvalid(f"unknown job kind {ctx.kind!r}", field="kind",
                           hint=f"one of {', '.join(KINDS)}")
     return KINDS[ctx.kind][0](ctx, dataset, samples)
+
+
+def item_samples(ctx: ItemContext, dataset, persona: str):
+    """The samples of one persona as this job runs them: capture over the shared questions,
+    rollout over the persona's own (evaluation) questions; ``{model_name}`` filled."""
+    return dataset.samples(persona, questions=ctx.params.questions,
+                           model_name=ctx.params.model_name or model_display_name(ctx.model),
+                           purpose="eval" if ctx.kind == "rollout" else "capture",
+                           max_samples=ctx.params.max_samples)
 
 
 def _policy(ctx: ItemContext) -> BatchPolicy:
@@ -189,14 +207,20 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
     acts = {name: np.stack([r["means"][name].float().numpy() for r in rows])
             for name in SPANS}
     keys = [r["sample"].key for r in rows]
-    vectors = derive_vectors(acts["response"], keys, kind=dataset.kind,
-                             scores=_scores(dataset, ctx.persona, keys))
+    default_keys = ([s.key for s in item_samples(ctx, dataset, DEFAULT_PERSONA)]
+                    if DEFAULT_PERSONA in dataset.personas and ctx.persona != DEFAULT_PERSONA
+                    else [])
+    scores, score_info = _scores(ctx, dataset)
+    vectors = derive_vectors(acts["response"], keys, kind=dataset.kind, scores=scores,
+                             default_keys=default_keys, persona=ctx.persona,
+                             min_count=ctx.params.min_count)
+    score_info = _report_scores(ctx, vectors, score_info)
     data, metadata = build_persona_artifact(
         activations=acts["response"], keys=keys, vectors=vectors, layers=layers,
         model=ctx.model, dtype=ctx.dtype, dataset=ctx.dataset, persona=ctx.persona,
         extra_spans={"prompt": acts["prompt"], "last_prompt": acts["last_prompt"]},
         extra_metadata={**provenance(ctx.engine), "job_id": str(ctx.job_id),
-                        "params": ctx.params.as_dict(),
+                        "params": ctx.params.as_dict(), "scores": score_info,
                         "responses": [r["response"] for r in rows],
                         "response_tokens": [r["response_tokens"] for r in rows],
                         "response_spans": [list(r["response_span"]) for r in rows]})
@@ -206,28 +230,64 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
     meta_obj = ctx.store.put_bytes(
         stem + ".json", json.dumps(metadata, sort_keys=True, indent=2, default=str).encode(),
         content_type="application/json", overwrite=True)
-    pt_obj = ctx.store.put_bytes(stem + ".pt", to_pt(read_persona_artifact(data)),
-                                 overwrite=True)
+    side = ctx.store.put_bytes(stem + ".vectors.safetensors",
+                               build_vector_sidecar(vectors, persona=ctx.persona,
+                                                    kind=dataset.kind, layers=layers,
+                                                    scores=score_info,
+                                                    extra_metadata=provenance(ctx.engine)),
+                               overwrite=True)
+    extra = [_obj(meta_obj), _obj(side)]
+    if getattr(ctx.settings, "write_pt", False):
+        extra.append(_obj(ctx.store.put_bytes(stem + ".pt", to_pt(read_persona_artifact(data)),
+                                              overwrite=True)))
     info = {**provenance(ctx.engine), "persona": ctx.persona, "n_samples": len(rows),
             "layers": layers,
             "shapes": {"activations": list(acts["response"].shape),
                        **{f"vectors.{k}": list(v.shape) for k, v in vectors.vectors.items()}},
             "dtype": "float32"}
     return ItemResult(artifact_key=key, sha256=stored.sha256, size=stored.size,
-                      extra=[_obj(meta_obj), _obj(pt_obj)], info=info)
+                      extra=extra, info=info)
 
 
-def _scores(dataset, persona: str, keys: list[str]):
-    """Judge scores for the persona when the dataset ships them (enables filtered vectors)."""
+def _scores(ctx: ItemContext, dataset):
+    """Judge scores of the persona when the dataset ships them, kept whole even when some
+    keys are missing (the public rules skip exactly the unscored samples)."""
+    info = {"file": f"{SCORES_DIR}/{ctx.persona}.json", "present": False}
+    if ctx.persona == DEFAULT_PERSONA:  # its vector is the unfiltered mean (4_vectors.py)
+        info["needed"] = False
+        return None, info
     try:
-        scores = load_scores(dataset, persona)
-    except Exception:
-        log.warning("scores for %s unreadable; deriving unfiltered vectors", persona,
+        scores = load_scores(dataset, ctx.persona)
+    except Exception as exc:
+        log.warning("scores for %s unreadable; deriving unfiltered vectors", ctx.persona,
                     exc_info=True)
-        return None
-    if not scores or not all(k in scores for k in keys):
-        return None
-    return scores
+        info["error"] = str(exc)[:500]
+        return None, info
+    info["present"] = scores is not None
+    return scores, info
+
+
+def _report_scores(ctx: ItemContext, vectors, info: dict) -> dict:
+    """Say which scores were needed and absent: in the artifact's metadata, and as a job
+    event when a score file is unreadable or lacks keys (which persona, which file, how many
+    keys and the first of them); personas with no file at all are listed in one event when
+    the job ends (:mod:`workers.jobvectors`)."""
+
+    if ctx.persona == DEFAULT_PERSONA:
+        return info
+    missing = list(vectors.missing_scores)
+    info = {**info, "missing_keys": len(missing), "missing_examples": missing[:50]}
+    if not info["present"]:
+        info["skipped"] = ("score-filtered vectors (pos_neg_50, pos_default_50, pos_70, "
+                           "pos_40_70, pos_0..3, default_0..3)")
+        if "error" in info:  # an absent file is summed up once when the job ends
+            ctx.on_event("scores_unreadable", {"persona": ctx.persona, "file": info["file"],
+                                               "error": info["error"]})
+    elif missing:
+        ctx.on_event("scores_missing", {"persona": ctx.persona, "file": info["file"],
+                                        "missing_keys": len(missing),
+                                        "examples": missing[:20]})
+    return info
 
 
 def _rollout(ctx: ItemContext, dataset, samples) -> ItemResult:

@@ -139,7 +139,13 @@ def _generate(ctx: StageContext) -> StageResult:
     from workers.pipeline import generate_and_capture
 
     pctx = _pipeline_ctx(ctx, kind="rollout")
-    samples = _dataset(ctx).samples(ctx.persona, max_samples=pctx.params.max_samples)
+    from app.prompts import model_display_name
+
+    # the default persona's samples folded into each persona's (app.datasets.Dataset.samples)
+    samples = _dataset(ctx).samples(
+        ctx.persona, questions=pctx.params.questions, include_default=True,
+        model_name=pctx.params.model_name or model_display_name(ctx.model),
+        max_samples=pctx.params.max_samples)
     if not samples:
         raise SpecInvalid(f"persona {ctx.persona!r} has no samples", field="dataset")
     rows = generate_and_capture(pctx, samples, capture=False)

@@ -128,5 +128,7 @@ def datasets(settings: SettingsDep) -> DatasetList:
     from app.datasets import list_datasets
 
     return DatasetList(datasets=[DatasetOut(name=d.name, kind=d.kind, personas=d.personas,
-                                            samples=d.samples, root=d.root, problems=d.problems)
+                                            samples=d.samples, root=d.root, problems=d.problems,
+                                            questions=d.questions, has_default=d.has_default,
+                                            error=d.error)
                                  for d in list_datasets(settings=settings)])

@@ -148,6 +148,9 @@ class DatasetOut(BaseModel):
     samples: int
     root: str
     problems: int = 0
+    questions: int = 0
+    has_default: bool = False
+    error: str | None = None
 
 
 class DatasetList(BaseModel):

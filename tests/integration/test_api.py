@@ -175,11 +175,12 @@ def test_job_lifecycle_routes(api):
     job = r.json()
     assert api.enqueued.ids == [job["id"]]
     assert job["state"] == "queued" and job["params"]["layers"] == [1, 3]
-    assert {p["persona"] for p in job["progress"]["personas"]} == PERSONAS
+    # a submitted capture job also captures the default persona, once
+    assert {p["persona"] for p in job["progress"]["personas"]} == PERSONAS | {"default"}
     assert job["artifact_prefix"].endswith(f"tiny_qwen3/traits_sample/float32/{job['id']}")
 
     got = api.http.get(f"/jobs/{job['id']}").json()
-    assert got["id"] == job["id"] and got["progress"]["items_total"] == 3
+    assert got["id"] == job["id"] and got["progress"]["items_total"] == 4  # + default, once
     assert [j["id"] for j in api.http.get("/jobs", params={"state": "queued"}).json()["jobs"]] \
         == [job["id"]]
     assert api.http.get("/jobs", params={"dataset": "roles_sample"}).json()["jobs"] == []

@@ -53,7 +53,7 @@ def test_submit_status_list_events_artifacts_cancel(api, run, tmp_path):
     assert api.enqueued.ids == [job["id"]]
 
     got = ok_json(run("status", job["id"], "--json", url=api.url))
-    assert got["id"] == job["id"] and got["progress"]["items_total"] == 3
+    assert got["id"] == job["id"] and got["progress"]["items_total"] == 4  # + default, once
     active = ok_json(run("status", "--json", url=api.url))
     assert [j["id"] for j in active] == [job["id"]]
     listed = ok_json(run("list", "--state", "queued", "--json", url=api.url))
@@ -196,7 +196,8 @@ def test_in_process_on_the_embedded_default(run, monkeypatch):
     assert {"traits_sample", "roles_sample"} <= names
     job = ok_json(run("submit", "roles_sample", "--max-samples", "1", "--json"))
     assert job["state"] == "queued"
-    assert ok_json(run("status", job["id"], "--json"))["progress"]["items_total"] == 3
+    # three roles and the default persona, captured once
+    assert ok_json(run("status", job["id"], "--json"))["progress"]["items_total"] == 4
     assert [j["id"] for j in ok_json(run("list", "--json"))] == [job["id"]]
     kinds = [e["kind"] for e in ok_json(run("events", job["id"], "--json"))]
     assert kinds[0] == "state" and "enqueued" in kinds  # the real dispatch ran after commit

@@ -41,7 +41,7 @@ def test_list_datasets_on_s3(s3_root):
     got = {s.name: s for s in list_datasets()}
     assert set(got) == {"traits_sample", "roles_sample"}
     assert got["roles_sample"].kind == "roles" and got["roles_sample"].personas == 4
-    assert got["roles_sample"].samples == 3 * 100 + 50
+    assert got["roles_sample"].samples == 3 * 50 + 50  # the default persona once per job
 
 
 def test_scores_and_problems_on_s3(s3_root):

@@ -234,8 +234,12 @@ def test_create_job_defaults_personas_and_queue_from_dataset(factory):
                               dtype="float16", params={})
         items = s.execute(select(JobItem.persona).where(JobItem.job_id == job.id)
                           .order_by(JobItem.position)).scalars().all()
-        assert items == ["curious", "optimistic", "sycophantic"]
+        # the default persona first: captured once per job for every vector against it
+        assert items == ["default", "curious", "optimistic", "sycophantic"]
         assert job.queue == "chatspace.org_m-1.float16"
+        rollout = jobs.create_job(s, kind="rollout", dataset="traits_sample", model="Org/M-1",
+                                  dtype="float16", params={})
+        assert rollout.items_total == 3
 
 
 def test_list_jobs_filters_and_artifacts_upsert(factory):

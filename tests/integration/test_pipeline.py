@@ -30,10 +30,18 @@ def test_embedded_default_runs_a_real_capture_job():
     assert code == 0
     arts = h.check_artifacts(job_id, row)
     assert any((settings.artifacts_dir / "chatspace").rglob("manifest.json"))
+    # the job's end: vectors against the default persona (captured once) and axis.json;
+    # no .pt copies unless asked for
+    assert any((settings.artifacts_dir / "chatspace").rglob("job_vectors.safetensors"))
+    assert any((settings.artifacts_dir / "chatspace").rglob("axis.json"))
+    assert not any((settings.artifacts_dir / "chatspace").rglob("*.pt"))
     for art in arts.values():
         assert art.activations.shape[1] == len(art.metadata["layers"]) == 4  # every layer
-        again = derive_vectors(art.activations, list(art.keys), kind="traits").vectors
-        assert set(again) == set(art.vectors) and "pos_neg" in again
+        persona = art.metadata["persona"]
+        again = derive_vectors(art.activations, list(art.keys), kind="traits",
+                               persona=persona).vectors
+        assert set(again) == set(art.vectors)
+        assert ("mean" if persona == "default" else "pos_neg") in again
         for name, vec in again.items():
             np.testing.assert_array_equal(art.vectors[name], vec)
         ref = h.reference_vectors(art)  # the same conversations re-read by transformers

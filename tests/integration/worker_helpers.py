@@ -118,7 +118,8 @@ def check_artifacts(job_id: str, row: dict | None = None) -> dict:
     assert sorted(personas) == sorted(i["persona"] for i in row["items"])
     by_item = {i["persona"]: (i["key"], i["sha256"]) for i in row["items"]}
     assert {e["persona"]: (e["key"], e["sha256"]) for e in persona_entries} == by_item
-    stored = [o.key for o in store.list(prefix + "/") if o.key.endswith(".safetensors")]
+    stored = [o.key for o in store.list(prefix + "/") if o.key.endswith(".safetensors")
+              and not o.key.endswith((".vectors.safetensors", "/job_vectors.safetensors"))]
     assert sorted(stored) == sorted(e["key"] for e in persona_entries)
     arts = {}
     for e in persona_entries:
@@ -162,4 +163,5 @@ def reference_vectors(art, *, layers=None) -> dict:
     caps = hf.capture(fulls, specs)
     acts = np.stack([c.means["resp"].float().numpy() for c in caps])
     return {"activations": acts,
-            "vectors": derive_vectors(acts, list(art.keys), kind=ds.kind).vectors}
+            "vectors": derive_vectors(acts, list(art.keys), kind=ds.kind,
+                                      persona=art.metadata["persona"]).vectors}

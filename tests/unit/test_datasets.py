@@ -71,6 +71,7 @@ def test_list_datasets_counts():
     assert summaries["traits_sample"].personas == 4
     ds = load_dataset("traits_sample")
     assert summaries["traits_sample"].samples == sum(len(ds.samples(p)) for p in ds.personas)
+    assert summaries["traits_sample"].has_default and summaries["traits_sample"].questions == 10
     assert summaries["roles_sample"].kind == "roles"
 
 
@@ -79,21 +80,34 @@ def test_samples_keys_order_and_pairing():
     s = ds.samples("optimistic")
     assert s == ds.samples("optimistic")  # deterministic
     n_pairs = len(ds.personas["optimistic"].instructions)
-    n_default = len(ds.personas["default"].instructions)
-    assert len(s) == 10 * (2 * n_pairs + n_default)
-    assert [x.key for x in s[:3]] == ["pos_p0_q0", "neg_p0_q0", "default_p0_q0"]
+    assert len(s) == 10 * 2 * n_pairs == ds.sample_count("optimistic")
+    assert [x.key for x in s[:3]] == ["pos_p0_q0", "neg_p0_q0", "pos_p0_q1"]
     first = s[0]
     assert first.system_prompt == ds.personas["optimistic"].instructions[0]["pos"]
     assert first.question == ds.questions[0].text
     assert s[1].system_prompt == ds.personas["optimistic"].instructions[0]["neg"]
-    assert s[2].system_prompt == ""  # default prompt 0: no system prompt
     assert len({x.key for x in s}) == len(s)
     assert [x.key for x in ds.samples("optimistic", max_samples=4)] == [x.key for x in s[:4]]
-    no_default = ds.samples("optimistic", include_default=False)
-    assert {x.label for x in no_default} == {"pos", "neg"}
+    # the default persona is captured once per job; asked for, it pairs per prompt/question
+    paired = ds.samples("optimistic", include_default=True)
+    assert [x.key for x in paired[:3]] == ["pos_p0_q0", "neg_p0_q0", "default_p0_q0"]
+    assert paired[2].system_prompt == ""  # default prompt 0: no system prompt
     roles = load_dataset("roles_sample")
     assert {x.label for x in roles.samples("default")} == {"default"}
-    assert {x.label for x in roles.samples("stage_magician")} == {"pos", "default"}
+    assert {x.label for x in roles.samples("stage_magician")} == {"pos"}
+    n_default = len(ds.personas["default"].instructions)
+    assert ds.job_sample_count() == 10 * (sum(2 * len(p.instructions) for n, p in
+                                              ds.personas.items() if n != "default")
+                                          + n_default)
+    assert ds.job_sample_count(personas=["optimistic"], questions=3) == 3 * (2 * n_pairs
+                                                                             + n_default)
+
+
+def test_questions_cap_keeps_the_first_n_as_question_count_does():
+    ds = load_dataset("traits_sample")
+    s = ds.samples("optimistic", questions=3)
+    assert {x.question_index for x in s} == {0, 1, 2}
+    assert len(s) == 3 * 2 * len(ds.personas["optimistic"].instructions)
 
 
 def test_root_level_persona_files_and_own_questions(tmp_path):

@@ -113,10 +113,12 @@ def test_capture_stores_exact_response_means_and_vectors():
     assert set(art.vectors) == set(expected.vectors)
     for name, vec in expected.vectors.items():
         np.testing.assert_allclose(art.vectors[name], vec, atol=1e-6)
-    # Batches of 4 over 6 samples, progress after each, .json and .pt next to it.
+    # Batches of 4 over 6 samples, progress after each, .json and the vectors file next to
+    # it; no .pt copy unless CHATSPACE_WRITE_PT asks for one (export writes it on demand).
     assert engine.batches == [4, 2]
     assert progress == [(0, 6), (4, 6), (6, 6)]
-    assert sorted(e["key"].rsplit(".", 1)[1] for e in result.extra) == ["json", "pt"]
+    assert sorted(e["key"].split(".", 1)[1] for e in result.extra) == [
+        "json", "vectors.safetensors"]
     for e in result.extra:
         assert ctx.store.verify(e["key"], e["sha256"])
 
@@ -128,7 +130,8 @@ def test_rerun_overwrites_same_key():
     assert first.artifact_key == second.artifact_key
     assert first.sha256 == second.sha256
     prefix = first.artifact_key.rsplit("/", 1)[0] + "/"
-    assert len([o for o in ctx.store.list(prefix) if o.key.endswith(".safetensors")]) == 1
+    assert len([o for o in ctx.store.list(prefix) if o.key.endswith(".safetensors")
+                and not o.key.endswith(".vectors.safetensors")]) == 1
 
 
 def test_injected_oom_halves_then_fails(monkeypatch):
@@ -193,12 +196,17 @@ def test_unverified_family_recorded_in_every_artifact(tmp_path):
     assert "unverified_family" not in read_persona_artifact(
         ctx.store.get_bytes(pipeline.run_item(ctx).artifact_key)).metadata
     engine.unverified_family = "Glm4DecoderLayer"
+    ctx.settings = ctx.settings.model_copy(update={"write_pt": True})  # the .pt on request
     result = pipeline.run_item(ctx)
     assert read_persona_artifact(ctx.store.get_bytes(result.artifact_key)).metadata[
         "unverified_family"] == "Glm4DecoderLayer"
-    extra = {e["key"].rsplit(".", 1)[1]: e["key"] for e in result.extra}
+    extra = {e["key"].split(".", 1)[1]: e["key"] for e in result.extra}
     assert json.loads(ctx.store.get_bytes(extra["json"]))["unverified_family"] == \
         "Glm4DecoderLayer"
+    from app.artifacts import read_vector_sidecar
+
+    assert read_vector_sidecar(ctx.store.get_bytes(extra["vectors.safetensors"]))[1][
+        "unverified_family"] == "Glm4DecoderLayer"
     pt = torch.load(io.BytesIO(ctx.store.get_bytes(extra["pt"])), weights_only=True)
     assert pt["metadata"]["unverified_family"] == "Glm4DecoderLayer"
     assert result.info["unverified_family"] == "Glm4DecoderLayer"

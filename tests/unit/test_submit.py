@@ -102,7 +102,9 @@ def test_validate_refuses_before_touching_the_database():
     cols = validate(None, JobSubmit(dataset="traits_sample", params={"layers": [0]}),
                     settings=settings)
     assert cols["model"] == "tiny:qwen3" and cols["dtype"] == "float32"
-    assert sorted(cols["personas"]) == ["curious", "optimistic", "sycophantic"]
+    # the default persona is one item, first: captured once for every vector against it
+    assert cols["personas"][0] == "default"
+    assert sorted(cols["personas"][1:]) == ["curious", "optimistic", "sycophantic"]
 
 
 def test_model_shapes_from_configs(tmp_path, monkeypatch):
@@ -137,3 +139,55 @@ def test_error_locations_become_dotted_fields(loc, field):
     from app.api.errors import field_path
 
     assert field_path(loc) == field
+
+
+def test_personas_questions_and_model_name_at_submit(tmp_path):
+    from app.api.schemas import JobSubmit
+    from tests.release_data import write_release
+
+    settings = Settings(datasets_root=str(write_release(tmp_path)))
+    cols = validate(None, JobSubmit(dataset="roles", params={
+        "personas": ["poet"], "questions": 2, "model_name": "Qwen"}), settings=settings)
+    assert cols["personas"] == ["default", "poet"]
+    assert cols["params"] == {"personas": ["poet"], "questions": 2, "model_name": "Qwen"}
+    rollout = validate(None, JobSubmit(dataset="roles", kind="rollout",
+                                       params={"personas": ["poet"]}), settings=settings)
+    assert rollout["personas"] == ["poet"]  # no default item outside capture
+    for params, field in (({"personas": ["poett"]}, "params.personas"),
+                          ({"personas": []}, "params.personas"),
+                          ({"questions": 0}, "params.questions"),
+                          ({"model_name": "{x}"}, "params.model_name")):
+        assert field_of(validate, None, JobSubmit(dataset="roles", params=params),
+                        settings=settings) == field, params
+
+
+def test_a_prompt_longer_than_the_context_is_refused_at_submit(tmp_path):
+    from app.api.schemas import JobSubmit
+    from tests.release_data import write_release
+
+    data = write_release(tmp_path)
+    f = data / "traits" / "instructions" / "calm.json"
+    body = json.loads(f.read_text())
+    body["instruction"][3]["neg"] = "Be tense. " * 20_000  # 200 kB: more than 4096 tokens
+    f.write_text(json.dumps(body))
+    settings = Settings(datasets_root=str(data))
+    with pytest.raises(SpecInvalid) as err:
+        validate(None, JobSubmit(dataset="traits"), settings=settings)
+    msg = str(err.value)
+    assert "instructions/calm.json" in msg and "'calm'" in msg and "instruction[3].neg" in msg
+    assert "context is 4096" in msg
+    # another persona chosen: the long one is not in the job, nothing refused
+    ok = validate(None, JobSubmit(dataset="traits", params={"personas": ["brave"]}),
+                  settings=settings)
+    assert ok["personas"] == ["brave"]
+
+
+def test_axis_from_must_name_a_job():
+    from app.api.schemas import JobSubmit
+
+    assert field_of(validate, None, JobSubmit(dataset="traits_sample",
+                                              params={"axis_from": "nope"}),
+                    settings=Settings()) == "params.axis_from"
+    assert field_of(validate, None, JobSubmit(dataset="traits_sample", kind="rollout",
+                                              params={"axis_from": "nope"}),
+                    settings=Settings()) == "params.axis_from"
