@@ -90,6 +90,9 @@ def _numbers(raw, field: str, *, lo: float, hi: float, hint: str) -> list[float]
 
 def _layers(raw, info) -> list[int]:
     field = "params.sweep.layers"
+    if raw == "all":
+        raise SpecInvalid("a sweep steers named layers, not all of them", field=field,
+                          hint="e.g. --layers 20 (each layer is its own grid row)")
     if not isinstance(raw, list) or not raw:
         raise SpecInvalid("the grid is empty: give at least one layer", field=field,
                           hint="e.g. [20]")

@@ -60,6 +60,7 @@ def test_bad_grids_name_the_field_and_enqueue_nothing(api):
         (body(**{**add, "scales": [1, 2, 1]}), "params.sweep.scales[2]"),
         (body(**{**add, "scales": [1, "x"]}), "params.sweep.scales[1]"),
         (body(**{**add, "layers": []}), "params.sweep.layers"),
+        (body(**{**add, "layers": "all"}), "params.sweep.layers"),
         (body(**{**add, "layers": [4]}), "params.sweep.layers[0]"),  # tiny Qwen3 has 4 layers
         (body(**{**add, "layers": [2, 2]}), "params.sweep.layers[1]"),
         (body(**{**add, "layers": [0]}), "params.sweep.layers[0]"),  # not captured by source
