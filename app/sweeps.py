@@ -39,8 +39,8 @@ MAX_SCALE = 1e6
 VECTOR_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 # Score columns the summary always carries; None with a reason when not computed.
 SCORE_COLUMNS = ("judge_mean", "refusal_rate", "minilm_mean")
-SCORES_UNAVAILABLE = ("not computed: the judge and MiniLM scoring stages (issue #11) are not "
-                      "part of this build; the columns stay null rather than guessed")
+SCORES_UNAVAILABLE = ("not computed: sweeps do not yet send their responses to the judge or "
+                      "MiniLM stages (#11); the columns stay null rather than guessed")
 SUMMARY_NAME = "sweep_summary.json"
 PLOT_NAME = "sweep.png"
 
