@@ -15,7 +15,7 @@ Adding a job parameter: a field here, and the code that reads it (see docs/exten
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -82,6 +82,10 @@ class JobParams(BaseModel):
                           "axis (default: the chain the other params imply)")
     min_count: StrictInt | None = Field(
         None, ge=1, description="samples a vector needs (default: roles 50, traits 1)")
+    sweep: dict[str, Any] | None = Field(
+        None, description="rollout: a steering sweep (app/sweeps.py), either {source: JOB, "
+                          "vector: NAME, layers, scales, normalize, persona} or {cap_axis: JOB, "
+                          "cap_percentiles, layers}; checked at submit, grid size reported")
 
     def given(self) -> dict:
         """Only what the submitter wrote (no defaults, no nulls), as plain JSON values."""

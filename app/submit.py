@@ -415,6 +415,10 @@ def validate(session, request: JobSpec, *, settings) -> dict:
                              info=info, settings=settings)
     if ops:
         params["steer"] = ops
+    if raw.get("sweep") is not None:
+        params["sweep"] = _check_sweep(session, raw["sweep"], kind=kind, params=params,
+                                       model=model, info=info, dataset=dataset,
+                                       personas=personas, settings=settings)
     columns = {"kind": kind, "dataset": dataset.name, "model": model, "dtype": dtype,
                "params": params, "personas": personas}
     if kind == "pipeline":
@@ -423,6 +427,20 @@ def validate(session, request: JobSpec, *, settings) -> dict:
                                                session=session)
         del columns["personas"]
     return columns
+
+
+def _check_sweep(session, raw, *, kind: str, params: dict, **kw) -> dict:
+    """A steering sweep (:mod:`app.sweeps`): a rollout of its own, no other steering."""
+    from app.sweeps import check_sweep
+
+    if kind != "rollout":
+        raise SpecInvalid("only rollout jobs sweep", field="params.sweep",
+                          hint="submit with --kind rollout")
+    for other in ("steer", "capture"):
+        if params.get(other):
+            raise SpecInvalid(f"a sweep takes no '{other}'", field=f"params.{other}",
+                              hint="the sweep's grid is its steering; drop the other")
+    return check_sweep(session, raw, max_samples=params.get("max_samples"), **kw)
 
 
 def submit_job(session, *, request: JobSpec, settings, enqueue: Callable[[str], None]):

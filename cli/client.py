@@ -49,15 +49,19 @@ class Client:
         except httpx.HTTPError as exc:
             raise ApiError(0, message=f"cannot reach the API at {self.where}: "
                                       f"{type(exc).__name__}") from None
+        self._raise_for(resp)
+        if resp.headers.get("content-type", "").startswith("application/json"):
+            return resp.json()
+        return resp.text
+
+    @staticmethod
+    def _raise_for(resp) -> None:
         if resp.status_code >= 400:
             try:
                 body = resp.json()
             except ValueError:
                 body = {"message": resp.text[:200] or resp.reason_phrase}
             raise ApiError(resp.status_code, body if isinstance(body, dict) else None)
-        if resp.headers.get("content-type", "").startswith("application/json"):
-            return resp.json()
-        return resp.text
 
     @staticmethod
     def _q(**params) -> dict:
@@ -81,6 +85,18 @@ class Client:
 
     def retry(self, job_id: str) -> dict:
         return self._call("POST", f"/jobs/{job_id}/retry")
+
+    def sweep(self, job_id: str) -> dict:
+        return self._call("GET", f"/jobs/{job_id}/sweep")
+
+    def sweep_png(self, job_id: str) -> bytes:
+        try:
+            resp = self.http.request("GET", f"/jobs/{job_id}/sweep.png")
+        except httpx.HTTPError as exc:
+            raise ApiError(0, message=f"cannot reach the API at {self.where}: "
+                                      f"{type(exc).__name__}") from None
+        self._raise_for(resp)
+        return resp.content
 
     # ---- workers, datasets, health
     def workers(self) -> list[dict]:

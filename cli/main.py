@@ -32,6 +32,8 @@ from cli.common import (
     json_option,
 )
 from cli.datasets_cmds import register as register_data_commands
+from cli.sweep import grid_line, sweep_options, sweep_params
+from cli.sweep import register as register_sweep
 
 
 @click.group(cls=CliGroup)
@@ -122,19 +124,25 @@ def _params(pairs) -> dict:
 @click.option("--stages", default=None, help="pipeline stages, e.g. generate,capture,judge")
 @click.option("--param", "more", multiple=True, metavar="NAME=VALUE",
               help="any job parameter (see app/spec.py), VALUE as JSON; repeatable")
+@sweep_options
 @click.option("--wait", is_flag=True, help="show progress until the job ends")
 @json_option
 @click.pass_context
 def submit(ctx, dataset, kind, model, dtype, layers, max_samples, questions, personas,
            model_name, min_count, axis_from, pull_missing, batch_size, max_tokens, temperature,
-           seed, steer_file, capture, judge, responses, stages, more, wait, as_json):
-    """Submit a job over DATASET; prints its id."""
+           seed, steer_file, capture, judge, responses, stages, more, wait, as_json,
+           **sweep_flags):
+    """Submit a job over DATASET; prints its id (a sweep's grid size on stderr)."""
     if pull_missing:
         from cli.datasets_cmds import pull_if_missing
 
         pull_if_missing(dataset)
     c = client(ctx)
-    flags = {"layers": _layers(layers), "max_samples": max_samples, "batch_size": batch_size,
+    sweep = sweep_params(layers=_layers(layers), **sweep_flags)
+    if sweep is not None:  # --layers names the sweep's layers
+        layers = None
+    flags = {"layers": _layers(layers), "sweep": sweep, "max_samples": max_samples,
+             "batch_size": batch_size,
              "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
              "steer": _steer(steer_file), "capture": capture or None, "judge": judge,
              "responses": _responses(responses, c),
@@ -151,6 +159,8 @@ def submit(ctx, dataset, kind, model, dtype, layers, max_samples, questions, per
         emit(job, True)
     else:
         click.echo(job["id"])
+    if grid_line(job):
+        click.echo(grid_line(job), err=True)
     if wait:
         return _watch(ctx, c, job["id"], as_json=as_json, start_local=True)
     return 0
@@ -302,6 +312,7 @@ def retry(ctx, job_id, as_json):
 
 register(cli)
 register_data_commands(cli)
+register_sweep(cli)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from app.artifacts import recorded_prefix
 from app.db import session_scope
 from app.modelinfo import config_provenance
 from app.models import Artifact, Job, JobItem
+from app.sweeps import finish_sweep
 from workers.jobvectors import finish_capture
 
 
@@ -47,9 +48,12 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
     items = session.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
     if job is None or not items or any(i.state != "succeeded" for i in items):
         return None
-    infos = {}
+    infos, job_level = {}, []
     for a in session.execute(select(Artifact).where(Artifact.job_id == job_id)).scalars():
         infos[a.key] = a.meta or {}
+        if a.item_id is None and a.kind != "persona":  # e.g. a sweep's summary and plot
+            job_level.append({"key": a.key, "sha256": a.sha256, "persona": None,
+                              "kind": a.kind})
     entries = []
     for item in sorted(items, key=lambda i: i.persona):
         info = infos.get(item.artifact_key, {})
@@ -60,6 +64,7 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
         for extra in info.get("extra") or []:
             entries.append({"key": extra["key"], "sha256": extra["sha256"],
                             "persona": item.persona, "kind": extra["key"].rsplit(".", 1)[-1]})
+    entries.extend(sorted(job_level, key=lambda e: e["key"]))
     prefix = recorded_prefix(job, settings)
     return prefix, {"job_id": str(job.id), "kind": job.kind, "model": job.model,
                     "dtype": job.dtype, "dataset": job.dataset, "params": job.params,
@@ -69,6 +74,7 @@ def build_manifest(session, *, job_id: str, settings) -> tuple[str, dict] | None
 
 def finish(job_id: str, *, settings, store):
     """When every item is done: write the manifest, THEN mark the job succeeded."""
+    finish_sweep(job_id, store=store)  # a sweep's table and plot, listed in the manifest
     with session_scope() as s:
         manifest = build_manifest(s, job_id=job_id, settings=settings)
     manifest_key = None

@@ -38,6 +38,7 @@ from app.datasets import DEFAULT_PERSONA, SCORES_DIR, load_dataset, load_scores
 from app.errors import SpecInvalid
 from app.prompts import build_prompt, default_template_kwargs, model_display_name
 from app.vectors import derive_vectors
+from workers import sweep
 from workers.batching import BatchPolicy, JobCancelled
 from workers.engine.protocol import Engine
 from workers.engine.spec import CaptureSpec, RequestSpec, Span
@@ -291,6 +292,11 @@ def _report_scores(ctx: ItemContext, vectors, info: dict) -> dict:
 
 
 def _rollout(ctx: ItemContext, dataset, samples) -> ItemResult:
+    if ctx.params.sweep:  # a grid of steering settings: workers/sweep.py
+        out = sweep.run_item(ctx, samples, prefix=artifact_key(ctx).rsplit("/", 1)[0],
+                             policy=_policy(ctx),
+                             template_kwargs=template_kwargs(ctx.engine.tokenizer))
+        return ItemResult(**out)
     steer, steer_wire = resolve_steering(ctx.params.steer, load_vector=ctx.load_vector,
                                          persona=ctx.persona,
                                          num_layers=int(ctx.engine.num_layers),
