@@ -38,6 +38,8 @@ EXAMPLES: dict[str, list[str]] = {
                           "chatspace-jobs datasets validate ./my_traits/"],
     "artifacts export": ["chatspace-jobs artifacts export JOB --format assistant-axis -o out/"],
     "ready": ["chatspace-jobs ready && echo ready"],
+    "sweep": ["chatspace-jobs sweep JOB                  # the score-vs-scale table",
+              "chatspace-jobs sweep JOB -o sweep.png --open"],
     "db": ["chatspace-jobs db upgrade"],
     "db upgrade": ["CHATSPACE_DATABASE_URL=postgresql+psycopg://... chatspace-jobs db upgrade"],
     "api": ["chatspace-jobs api --port 8000   # then open http://127.0.0.1:8000/ui/"],
