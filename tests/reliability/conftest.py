@@ -213,6 +213,6 @@ def stack(private_pg, s3_endpoint, tmp_path, monkeypatch):
         yield s
     finally:
         s.close()
-        proxy.down()
+        proxy.close()
         redis.stop()
         dispose_all()
