@@ -11,8 +11,12 @@ Every state change is one guarded ``UPDATE ... WHERE id = :id AND state = :curre
 number and lease owner, so a worker presumed dead cannot overwrite the result of the worker
 that took its item over.
 
-Lock order is item rows, then the job row, everywhere; that keeps concurrent claims, cancels
-and completions on Postgres free of deadlocks.
+Lock order, everywhere: a worker's row, then item rows, then the job row. Two transactions
+that lock rows in opposite orders deadlock on Postgres (one is aborted after
+``deadlock_timeout``), so every function here takes them in this order: a heartbeat
+(:func:`heartbeat`) updates its worker row, then extends its items' leases; the reaper
+(:func:`reap_dead_workers`) locks the dead workers' rows, then expires their items' leases;
+claims, cancels and completions lock items, then the job row.
 """
 
 from __future__ import annotations
@@ -543,7 +547,7 @@ def request_cancel(session: Session, *, job_id: str, worker: str | None = None) 
     if job.state not in JOB_ACTIVE:
         raise InvalidTransition(f"job {job.id} is {job.state}; only queued or running jobs "
                                 "can be cancelled", field="state")
-    _cancel_queued_items(session, job.id, worker)  # items before the job row (lock order)
+    _cancel_queued_items(session, job.id, worker)  # items before the job row
     res = session.execute(update(Job).where(
         Job.id == job.id, Job.state.in_([s.value for s in JOB_ACTIVE]))
         .values(cancel_requested=True, updated_at=_now())
@@ -619,6 +623,16 @@ def upsert_worker(session: Session, *, name: str, **fields) -> Worker:
     return worker
 
 
+def heartbeat(session: Session, *, name: str, lease_s: float, **fields) -> Worker:
+    """A worker's heartbeat: its row (:func:`upsert_worker`), then the leases of the items it
+    runs (:func:`extend_leases`) — worker row before item rows, the module's lock order. A
+    worker reporting ``state="stopped"`` extends nothing."""
+    worker = upsert_worker(session, name=name, **fields)
+    if fields.get("state") != WorkerState.STOPPED.value:
+        extend_leases(session, worker=name, lease_s=lease_s)
+    return worker
+
+
 def list_workers(session: Session) -> list[Worker]:
     return list(session.execute(select(Worker).order_by(Worker.name)).scalars())
 
@@ -626,21 +640,30 @@ def list_workers(session: Session) -> list[Worker]:
 def reap_dead_workers(session: Session, *, stale_s: float,
                       now: datetime | None = None) -> list[str]:
     """Workers silent for ``stale_s`` are marked stopped and their leases expired now, so
-    the next :func:`reap_expired` re-queues their items. Returns the dead workers' names."""
+    the next :func:`reap_expired` re-queues their items. Returns the dead workers' names.
+
+    The worker rows are locked first (the module's lock order), in name order, skipping rows
+    a heartbeat holds right now: a worker whose heartbeat is being written is alive. Postgres
+    re-checks the staleness on the row's newest version when it locks it, so a heartbeat
+    that committed a moment ago also keeps its worker from being reaped.
+    """
     now = now or _now()
-    dead = session.execute(select(Worker.name).where(
-        Worker.state != WorkerState.STOPPED.value,
-        Worker.heartbeat_at < now - timedelta(seconds=stale_s))).scalars().all()
+    q = (select(Worker.name).where(Worker.state != WorkerState.STOPPED.value,
+                                   Worker.heartbeat_at < now - timedelta(seconds=stale_s))
+         .order_by(Worker.name))
+    if _is_pg(session):
+        q = q.with_for_update(skip_locked=True)
+    dead = list(session.execute(q).scalars().all())
     if dead:
-        session.execute(update(JobItem).where(
-            JobItem.lease_owner.in_(dead), JobItem.state == ItemState.RUNNING.value)
-            .values(lease_expires_at=now - timedelta(microseconds=1))
-            .execution_options(synchronize_session=False))
         session.execute(update(Worker).where(Worker.name.in_(dead))
                         .values(state=WorkerState.STOPPED.value, current_job_id=None,
                                 current_item_id=None)
                         .execution_options(synchronize_session=False))
-    return list(dead)
+        session.execute(update(JobItem).where(
+            JobItem.lease_owner.in_(dead), JobItem.state == ItemState.RUNNING.value)
+            .values(lease_expires_at=now - timedelta(microseconds=1))
+            .execution_options(synchronize_session=False))
+    return dead
 
 
 def release_worker_items(session: Session, *, worker: str,

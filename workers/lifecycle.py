@@ -157,14 +157,13 @@ class WorkerServices:
     # -- periodic -------------------------------------------------------------------------
     def heartbeat(self, state: str | None = None) -> None:
         with session_scope() as s:
-            jobs.upsert_worker(
-                s, name=self.name, state=state or self.runtime.state, host=socket.gethostname(),
+            jobs.heartbeat(
+                s, name=self.name, lease_s=self.settings.lease_s,
+                state=state or self.runtime.state, host=socket.gethostname(),
                 pid=os.getpid(), gpu=self.runtime.gpu, model=self.runtime.model or self.model,
                 dtype=self.runtime.dtype or self.dtype, queues=self.queues,
                 memory=self.runtime.memory(), model_info=self.runtime.model_info(),
                 current_job_id=self.current_job)
-            if state != "stopped":
-                jobs.extend_leases(s, worker=self.name, lease_s=self.settings.lease_s)
 
     def reap(self) -> None:
         with session_scope() as s:
