@@ -160,7 +160,8 @@ def _make_bucket(endpoint: str) -> str:
 
 
 def datasets_root(root: Path) -> Path:
-    """The shipped samples plus ``one_persona`` (1 persona, 1 question): the burst's job."""
+    """The shipped samples plus ``one_persona`` (1 persona, 1 question): the burst's job, and
+    ``six_personas`` (6 personas, 2 questions): enough items to spread over several workers."""
     import shutil
 
     from app.datasets import SAMPLES_DIR
@@ -172,6 +173,14 @@ def datasets_root(root: Path) -> Path:
         {"instruction": [{"pos": "Answer in one word.", "neg": "Answer at length."}]}))
     (one / "questions.jsonl").write_text(json.dumps({"question": "Why is the sky blue?",
                                                      "id": 0}) + "\n")
+    six = root / "six_personas"
+    (six / "instructions").mkdir(parents=True)
+    for name in ("brisk", "calm", "dry", "eager", "formal", "gentle"):
+        (six / "instructions" / f"{name}.json").write_text(json.dumps(
+            {"instruction": [{"pos": f"Answer in a {name} way.", "neg": "Answer plainly."}]}))
+    (six / "questions.jsonl").write_text("".join(json.dumps({"question": q, "id": i}) + "\n"
+                                                 for i, q in enumerate(("Why is the sky blue?",
+                                                                        "What is rain?"))))
     return root
 
 

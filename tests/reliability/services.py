@@ -143,6 +143,10 @@ class SwitchableProxy:
         # shutdown(); a free port can still be taken between free_port() and bind(), so retry.
         for _ in range(20):
             sock = socket.socket()
+            # the proxy's own closed connections linger in TIME_WAIT on this port; without
+            # SO_REUSEADDR they block listen() in up(). Ports chosen by the kernel (bind to 0,
+            # connect) still avoid a port bound like this.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", free_port()))
                 return sock
