@@ -538,6 +538,68 @@ def finish_job_if_done(session: Session, *, job_id: str,
         return None
 
 
+def load_failures(session: Session, *, job_id: str) -> int:
+    """Failed model loads recorded for the job since it was submitted or last retried."""
+    since = session.execute(select(func.max(JobEvent.id)).where(
+        JobEvent.job_id == job_id, JobEvent.kind == "state", JobEvent.item_id.is_(None),
+        JobEvent.to_state == JobState.QUEUED.value)).scalar()
+    q = select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id,
+                                                         JobEvent.kind == "load_failed")
+    if since is not None:
+        q = q.where(JobEvent.id > since)
+    return int(session.execute(q).scalar_one())
+
+
+def record_load_failure(session: Session, *, job_id: str, worker: str, error: str,
+                        max_failures: int | None = None) -> Job:
+    """A worker could not start the engine for this job's model (out of GPU memory, a
+    missing model, an unsupported architecture...).
+
+    The error text becomes a ``load_failed`` event and the job's last error, so ``status``,
+    ``--wait`` and the API show why a queued job is not running. After ``max_failures``
+    failed loads since submit (or retry), with no item of the job running anywhere, its
+    queued items and the job fail with that error: a model no worker can load would
+    otherwise keep the job queued forever. Returns the job.
+    """
+    if max_failures is None:
+        from app.settings import get_settings
+
+        max_failures = get_settings().max_load_failures
+    job = get_job(session, job_id=job_id)
+    if job.state not in JOB_ACTIVE:
+        return job
+    failures = load_failures(session, job_id=job.id) + 1
+    text = (f"worker {worker} could not load {job.model} ({job.dtype}): {error}")[:2000]
+    _event(session, job_id=job.id, kind="load_failed", worker=worker, message=text,
+           data={"model": job.model, "dtype": job.dtype, "failures": failures,
+                 "max_failures": max_failures})
+    counts = _item_counts(session, job.id)
+    if failures < max_failures or counts[ItemState.RUNNING.value]:
+        session.execute(update(Job).where(Job.id == job.id, Job.state.in_(
+            [s.value for s in JOB_ACTIVE])).values(error=text, updated_at=_now())
+            .execution_options(synchronize_session=False))
+        return get_job(session, job_id=job.id)
+    reason = f"{failures} failed model loads; the last: {text}"
+    ids = session.execute(select(JobItem.id).where(
+        JobItem.job_id == job.id, JobItem.state == ItemState.QUEUED.value)
+        .order_by(JobItem.position)).scalars().all()
+    for item_id in ids:  # items before the job row (lock order)
+        try:
+            transition_item(session, item_id=item_id, to=ItemState.FAILED,
+                            allowed_from=[ItemState.QUEUED], worker=worker,
+                            failure_kind=FailureKind.ERROR, error=reason,
+                            message="the model could not be loaded")
+        except InvalidTransition:
+            continue  # claimed a moment ago by a worker that could load it
+    if _item_counts(session, job.id)[ItemState.RUNNING.value]:
+        return get_job(session, job_id=job.id)
+    try:
+        return transition_job(session, job_id=job.id, to=JobState.FAILED, worker=worker,
+                              failure_kind=FailureKind.ERROR, error=reason)
+    except InvalidTransition:
+        return get_job(session, job_id=job.id)
+
+
 def request_cancel(session: Session, *, job_id: str, worker: str | None = None) -> Job:
     """Cancel a job: queued items are cancelled now; running items stop at their next batch
     (their worker sees ``cancel_requested``) and the job ends cancelled when none runs."""

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     lease_s: float = 60.0  # an item's lease; heartbeats extend it, the reaper expires it
     worker_stale_s: float = 30.0  # a worker silent this long is dead
     max_item_attempts: int = 3
+    # A job whose model no worker could load this many times (and that no worker is running)
+    # fails with the load error instead of waiting forever.
+    max_load_failures: int = 3
     # Redis re-delivers an unacked task after this long; it must outlast the longest job
     # (late acks). Postgres leases, not the broker, guard against a second run.
     broker_visibility_timeout_s: float = 7 * 24 * 3600.0
