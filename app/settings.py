@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     # A job whose model no worker could load this many times (and that no worker is running)
     # fails with the load error instead of waiting forever.
     max_load_failures: int = 3
+    load_retry_s: float = 10.0  # a worker retries a failed engine load at start after this × try
     # Redis re-delivers an unacked task after this long; it must outlast the longest job
     # (late acks). Postgres leases, not the broker, guard against a second run.
     broker_visibility_timeout_s: float = 7 * 24 * 3600.0

@@ -92,7 +92,15 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
             jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
 
     runtime = worker.runtime
-    engine = runtime.acquire(model, dtype, on_event=event)
+    try:
+        engine = runtime.acquire(model, dtype, on_event=event)
+    except Exception as exc:  # the job says why it is not running (workers.loadfail)
+        from workers import loadfail
+
+        log.exception("job %s: worker %s could not load %s (%s)", job_id, worker.name, model,
+                      dtype)
+        loadfail.record([job_id], worker=worker.name, exc=exc)
+        return {"job_id": job_id, "ran": 0, "reason": "the model could not be loaded"}
     store = get_store(settings)
     ran = 0
     try:

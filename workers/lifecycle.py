@@ -84,7 +84,13 @@ class WorkerServices:
             t.start()
             self._threads.append(t)
         if preload and self.model:
-            self.runtime.acquire(self.model, self.dtype or self.settings.default_dtype)
+            from workers import loadfail
+
+            dtype = self.dtype or self.settings.default_dtype
+            loadfail.preload(lambda: self.runtime.acquire(self.model, dtype), worker=self.name,
+                             model=self.model, dtype=dtype,
+                             tries=self.settings.max_load_failures,
+                             delay_s=self.settings.load_retry_s)
             self.heartbeat()
 
     def release_previous_items(self) -> list[str]:

@@ -77,15 +77,17 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"the API did not answer: {self.log_tail()}")
 
-    def start_worker(self, name: str, **env) -> subprocess.Popen:
-        """A real ``celery worker`` process (own session), extra CHATSPACE_* env applied."""
+    def start_worker(self, name: str, *, model: str | None = MODEL, **env) -> subprocess.Popen:
+        """A real ``celery worker`` process (own session), extra CHATSPACE_* env applied;
+        ``model=None`` starts an any-model worker."""
         from workers.cli import spawn_worker
 
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update({k: str(v) for k, v in env.items()})
         try:
             with open(self.logs / f"{name}.log", "ab") as out:  # the child keeps its own copy
-                proc = spawn_worker(name=name, model=MODEL, dtype=DTYPE, stdout=out,
+                proc = spawn_worker(name=name, model=model, dtype=DTYPE if model else None,
+                                    stdout=out,
                                     stderr=subprocess.STDOUT)
         finally:
             for k, v in saved.items():
@@ -128,8 +130,8 @@ class Stack:
 
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, dataset: str = "traits_sample", kind: str = KIND,
-               client: httpx.Client | None = None, **params) -> str:
-        body = {"kind": kind, "dataset": dataset, "model": MODEL, "dtype": DTYPE,
+               client: httpx.Client | None = None, model: str = MODEL, **params) -> str:
+        body = {"kind": kind, "dataset": dataset, "model": model, "dtype": DTYPE,
                 "params": {"max_samples": 2, "max_tokens": 4, "batch_size": 2,
                            "temperature": 0.0, "seed": 0, **params}}
         r = (client or self.http).post("/jobs", json=body)

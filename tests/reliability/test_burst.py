@@ -11,6 +11,7 @@ every ``worker_stale_s``; a 20-job burst grew the queue from 18 to 612 messages.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,9 @@ from tests.reliability.checks import StatusPoller, verify_jobs, wait_jobs
 from tests.reliability.conftest import TOKEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
-N_JOBS, CLIENTS = 50, 10
+# CHATSPACE_TEST_BURST_JOBS shrinks the burst on a machine too loaded to run 50 in time
+N_JOBS = int(os.environ.get("CHATSPACE_TEST_BURST_JOBS", "50"))
+CLIENTS = min(10, N_JOBS)
 
 
 class QueueSampler:
@@ -73,7 +76,8 @@ def test_burst_of_50_jobs_all_complete_once(stack):
 
         t0 = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
-            for batch in pool.map(client, [N_JOBS // CLIENTS] * CLIENTS):
+            shares = [N_JOBS // CLIENTS + (i < N_JOBS % CLIENTS) for i in range(CLIENTS)]
+            for batch in pool.map(client, shares):
                 ids.extend(batch)
         wait_jobs(ids, timeout=360, logs=stack.log_tail)
         took = time.monotonic() - t0
