@@ -125,6 +125,9 @@ class WorkerServices:
 
     def stop(self) -> None:
         self._stop.set()
+        for t in self._threads:  # a heartbeat in flight must not land after "stopped" and
+            if t is not threading.current_thread():  # make this worker look alive
+                t.join(timeout=10)
         try:
             self.runtime.shutdown()
         finally:
