@@ -8,7 +8,10 @@ claimed, the broker queue's longest length during a burst, ``/readyz`` latency w
 down, the API's status codes while Postgres is down) follow in a second table. Exit status:
 pytest's, or 1 if any row shows a lost or duplicated persona.
 
-    .venv/bin/python bench/reliability_report.py [extra pytest args, e.g. -k burst]
+    .venv/bin/python bench/reliability_report.py [--json OUT.json] [pytest args, e.g. -k burst]
+
+``--json`` also writes the rows (with their figures and notes) to OUT.json
+(``bench/results/`` keeps the runs quoted in closing notes).
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ def measures_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    out = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "rows.jsonl"
         env = {**os.environ, "CHATSPACE_TEST_RELIABILITY_REPORT": str(report)}
@@ -68,6 +75,10 @@ def main(argv: list[str]) -> int:
             print(f"  {r['scenario']}: {note}")
     print(f"\n{len(rows)} scenarios recorded in {took:.0f}s (pytest exit {rc}); workers on the "
           f"transformers backend, tiny:qwen3, kind={os.environ.get('CHATSPACE_TEST_RELIABILITY_KIND', 'capture')}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"pytest_exit": rc, "seconds": round(took), "argv": argv,
+                                   "rows": rows}, indent=2) + "\n")
     bad = [r["scenario"] for r in rows if r.get("lost") or r.get("duplicates")]
     if bad:
         print(f"LOST OR DUPLICATED personas in: {', '.join(bad)}", file=sys.stderr)
