@@ -92,11 +92,11 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
             jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
 
     runtime = worker.runtime
-    try:
-        engine = runtime.acquire(model, dtype, on_event=event)
-    except Exception as exc:  # the job says why it is not running (workers.loadfail)
-        from workers import loadfail
+    from workers import loadfail
 
+    try:
+        engine = loadfail.load(lambda: runtime.acquire(model, dtype, on_event=event))
+    except loadfail.LoadFailed as exc:  # the job says why it is not running
         log.exception("job %s: worker %s could not load %s (%s)", job_id, worker.name, model,
                       dtype)
         loadfail.record([job_id], worker=worker.name, exc=exc)

@@ -17,10 +17,75 @@ reconciler wakes a worker for the job again).
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 import traceback
+from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# "ValueError: Free memory on device ..." as an engine process logs it (maybe after a prefix)
+ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): \S")
+
+
+class LoadFailed(Exception):
+    """A failed engine load, with the text to record: the error and, when the engine's own
+    processes logged the real cause to the shared stderr, that cause."""
+
+    def __init__(self, text: str, cause: BaseException):
+        super().__init__(text)
+        self.text = text
+        self.cause = cause
+
+
+def _stderr_file() -> str | None:
+    """The file this process's stderr is written to, when it is a regular file (a worker's
+    log); None for a terminal or a pipe."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return None
+    return path if os.path.isfile(path) else None
+
+
+def _errors_since(path: str | None, offset: int, limit: int = 2) -> list[str]:
+    """The last ``limit`` distinct error lines written to ``path`` after ``offset``."""
+    if path is None:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read(4 * 1024 * 1024).decode(errors="replace")
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if ERROR_LINE.search(line) and "workers.loadfail" not in line and line not in found:
+            found.append(line)
+    return [x[:600] for x in found[-limit:]]
+
+
+def load(fn: Callable[[], T]) -> T:
+    """``fn()`` (an engine load); any failure becomes :class:`LoadFailed` whose text adds
+    the error lines the engine's processes wrote to stderr meanwhile. vLLM's engine core
+    fails in a child process and the parent only raises "Engine core initialization failed.
+    See root cause above": the root cause (out of GPU memory, say) is in that log."""
+    path = _stderr_file()
+    try:
+        offset = os.path.getsize(path) if path else 0
+    except OSError:
+        path, offset = None, 0
+    try:
+        return fn()
+    except Exception as exc:
+        text = describe(exc)
+        logged = [x for x in _errors_since(path, offset) if x not in text]
+        if logged:
+            text = f"{text}; logged: {' | '.join(logged)}"
+        raise LoadFailed(text[:2000], exc) from exc
 
 
 def describe(exc: BaseException) -> str:
@@ -49,7 +114,7 @@ def record(job_ids, *, worker: str, exc: BaseException) -> list[str]:
     from app.db import session_scope
 
     failed = []
-    text = describe(exc)
+    text = exc.text if isinstance(exc, LoadFailed) else describe(exc)
     for job_id in job_ids:
         try:
             with session_scope() as s:
@@ -84,18 +149,18 @@ def waiting_jobs(model: str | None, dtype: str | None) -> list[str]:
         return [str(j) for j in s.execute(q).scalars()]
 
 
-def preload(load, *, worker: str, model: str, dtype: str, tries: int, delay_s: float,
+def preload(load_fn, *, worker: str, model: str, dtype: str, tries: int, delay_s: float,
             sleep=time.sleep) -> None:
-    """``load()`` up to ``tries`` times, ``delay_s`` × the try number apart (memory held by a
+    """``load_fn()`` up to ``tries`` times, ``delay_s`` × the try number apart (memory held by a
     dying predecessor may come back meanwhile); each failure is recorded on the jobs waiting
     for this (model, dtype). Raises the last error when every try failed."""
     for attempt in range(1, tries + 1):
         try:
-            load()
+            load(load_fn)
             return
-        except Exception as exc:
+        except LoadFailed as exc:
             log.error("worker %s: loading %s (%s) failed (try %d of %d): %s", worker, model,
-                      dtype, attempt, tries, describe(exc))
+                      dtype, attempt, tries, exc.text)
             record(waiting_jobs(model, dtype), worker=worker, exc=exc)
             if attempt == tries:
                 raise
