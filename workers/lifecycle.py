@@ -60,6 +60,10 @@ class WorkerServices:
                                      settings=self.settings)
         self.jobs_done = 0
         self.current_job: str | None = None
+        # Celery's consumer starts only after start() returns (worker_init), seconds later on
+        # a busy host; until worker_ready the row says "starting", not "idle", so nobody
+        # (the reconciler, --wait, a test) takes a worker that takes no message for idle.
+        self.consuming = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -145,6 +149,7 @@ class WorkerServices:
 
     # -- jobs -----------------------------------------------------------------------------
     def run_job(self, job_id: str) -> dict:
+        self.consuming = True  # a message arrived (also when started in-process)
         try:
             return execute_job(job_id, worker=self)
         finally:
@@ -163,12 +168,21 @@ class WorkerServices:
     def idle(self) -> None:
         self.runtime.state = "idle"
 
+    def reported_state(self) -> str:
+        state = self.runtime.state
+        return "starting" if state == "idle" and not self.consuming else state
+
+    def ready(self) -> None:
+        """Celery's consumer is taking messages (worker_ready)."""
+        self.consuming = True
+        self.heartbeat()
+
     # -- periodic -------------------------------------------------------------------------
     def heartbeat(self, state: str | None = None) -> None:
         with session_scope() as s:
             jobs.heartbeat(
                 s, name=self.name, lease_s=self.settings.lease_s,
-                state=state or self.runtime.state, host=socket.gethostname(),
+                state=state or self.reported_state(), host=socket.gethostname(),
                 pid=os.getpid(), gpu=self.runtime.gpu, model=self.runtime.model or self.model,
                 dtype=self.runtime.dtype or self.dtype, queues=self.queues,
                 memory=self.runtime.memory(), model_info=self.runtime.model_info(),
@@ -219,3 +233,9 @@ def start_worker_services(*, preload: bool = True) -> WorkerServices:
 def stop_worker_services() -> None:
     if _current is not None:
         _current.stop()
+
+
+def worker_ready() -> None:
+    """Celery's consumer takes messages now (the worker_ready signal)."""
+    if _current is not None:
+        _current.ready()
