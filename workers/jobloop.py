@@ -31,7 +31,7 @@ from app.db import session_scope
 from app.errors import EngineOOM, InvalidTransition, RetryableError, SpecInvalid
 from app.models import Artifact, Job, JobItem
 from app.storage import get_store
-from workers import pipeline
+from workers import loadfail, pipeline
 from workers.batching import JobCancelled
 from workers.manifest import finish
 from workers.params import JobParams
@@ -92,8 +92,6 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
             jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
 
     runtime = worker.runtime
-    from workers import loadfail
-
     try:
         engine = loadfail.load(lambda: runtime.acquire(model, dtype, on_event=event))
     except loadfail.LoadFailed as exc:  # the job says why it is not running

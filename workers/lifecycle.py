@@ -28,7 +28,7 @@ from app.db import session_scope
 from app.models import Worker
 from app.queues import worker_queues
 from app.settings import get_settings
-from workers import dispatch, gpu, remote
+from workers import dispatch, gpu, loadfail, remote
 from workers.config import WORKER_ENV, WorkerEnv
 from workers.jobloop import execute_job
 from workers.runtime import EngineRuntime
@@ -88,8 +88,6 @@ class WorkerServices:
             t.start()
             self._threads.append(t)
         if preload and self.model:
-            from workers import loadfail
-
             dtype = self.dtype or self.settings.default_dtype
             loadfail.preload(lambda: self.runtime.acquire(self.model, dtype), worker=self.name,
                              model=self.model, dtype=dtype,

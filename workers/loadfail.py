@@ -24,6 +24,12 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
+from sqlalchemy import select
+
+from app import jobs
+from app.db import session_scope
+from app.models import Job, JobItem
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # "ValueError: Free memory on device ..." as an engine process logs it (maybe after a prefix)
@@ -110,9 +116,6 @@ def describe(exc: BaseException) -> str:
 
 def record(job_ids, *, worker: str, exc: BaseException) -> list[str]:
     """Record one failed load on each job; returns the ids of the jobs that failed for good."""
-    from app import jobs
-    from app.db import session_scope
-
     failed = []
     text = exc.text if isinstance(exc, LoadFailed) else describe(exc)
     for job_id in job_ids:
@@ -131,11 +134,6 @@ def record(job_ids, *, worker: str, exc: BaseException) -> list[str]:
 
 def waiting_jobs(model: str | None, dtype: str | None) -> list[str]:
     """Active jobs with queued items a worker of (model, dtype) would serve."""
-    from sqlalchemy import select
-
-    from app.db import session_scope
-    from app.models import Job, JobItem
-
     with session_scope() as s:
         q = (select(Job.id).where(Job.state.in_(("queued", "running")),
                                   Job.cancel_requested.is_(False),

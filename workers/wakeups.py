@@ -31,6 +31,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, text
 
+from app.db import session_scope
+from app.models import Job, JobItem, Worker
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,6 @@ class Wakeup:
 
 def live_workers(session, *, now: datetime | None = None) -> list:
     """Workers with a heartbeat younger than ``worker_stale_s`` that are not stopped."""
-    from app.models import Worker
-
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=get_settings().worker_stale_s)
     return list(session.execute(select(Worker).where(
         Worker.state != "stopped", Worker.heartbeat_at >= cutoff)).scalars())
@@ -60,8 +60,6 @@ def consumers(workers: list, queue: str) -> list:
 
 def holders(session) -> set[str]:
     """Names of workers holding a running item right now (a lease in Postgres)."""
-    from app.models import JobItem
-
     return set(session.execute(select(JobItem.lease_owner).where(
         JobItem.state == "running", JobItem.lease_owner.is_not(None)).distinct()).scalars())
 
@@ -75,8 +73,6 @@ def idle(workers: list, busy: set[str]) -> list:
 def submit_wakeups(session, *, job_id: str, queue: str) -> int:
     """Messages for a job just submitted or retried: one per queued item, up to the number
     of live consumers of its queue; at least one (a worker started later finds it)."""
-    from app.models import JobItem
-
     queued = session.execute(select(func.count()).select_from(JobItem).where(
         JobItem.job_id == job_id, JobItem.state == "queued")).scalar_one()
     return max(1, min(int(queued), len(consumers(live_workers(session), queue))))
@@ -87,8 +83,6 @@ def plan(session, *, queue_of: Callable[[object, list], str],
     """The wake-ups the reconciler sends now (see the module doc). ``queue_of(job, live)``
     picks a job's queue; ``queue_length(queue)`` is the broker's count of waiting messages
     (None when the broker cannot say: nothing is sent to that queue)."""
-    from app.models import Job, JobItem
-
     workers = live_workers(session)
     live_names = {w.name for w in workers}
     busy = holders(session)
@@ -143,8 +137,6 @@ def reconcile(*, queue_of: Callable[[object, list], str],
     """One reconciler round: plan under the shared lock, then ``send(job_id, queue, n, why)``
     for each wake-up before the lock is released. ``queue_lengths(queues)`` asks the broker
     (:func:`workers.broker.queue_lengths`). Returns what was sent."""
-    from app.db import session_scope
-
     sent: list[Wakeup] = []
     cache: dict[str, int | None] = {}
 
