@@ -53,11 +53,24 @@ def artifact_root(settings) -> str:
 
 def _in_scope(value: str, what: str, settings) -> str:
     root = artifact_root(settings)
-    if not value.startswith(root):
+    inside = value.startswith(root) or (what == "prefix" and value.rstrip("/") + "/" == root)
+    if not inside:
         raise SpecInvalid(f"{what} {value[:200]!r} is not under the artifacts prefix {root!r}",
                           field=what, hint=f"artifact keys start with {root!r} "
                                            "(`chatspace-jobs artifacts ls` lists them)")
     return value
+
+
+def artifact_key(key: str, settings) -> str:
+    """``key`` checked: well-formed and an artifact's (under the artifacts prefix)."""
+    return _in_scope(_checked(key, "key"), "key", settings)
+
+
+def artifact_prefix(prefix: str | None, settings) -> str:
+    """A listing prefix checked the same way; none means every artifact."""
+    if not prefix:
+        return artifact_root(settings)
+    return _in_scope(_checked(prefix, "prefix", prefix=True), "prefix", settings)
 
 
 def _out(obj) -> ArtifactOut:
@@ -77,10 +90,8 @@ def list_artifacts(session: SessionDep, store: StoreDep, settings: SettingsDep,
         if not row.artifact_prefix:
             return ArtifactList(prefix="", artifacts=[])
         where = row.artifact_prefix.rstrip("/") + "/"
-    elif not prefix:
-        where = artifact_root(settings)
     else:
-        where = _in_scope(_checked(prefix, "prefix", prefix=True), "prefix", settings)
+        where = artifact_prefix(prefix, settings)
     objects = store.list(where)[:limit]
     return ArtifactList(prefix=where, artifacts=[_out(o) for o in objects])
 
@@ -88,7 +99,7 @@ def list_artifacts(session: SessionDep, store: StoreDep, settings: SettingsDep,
 @router.get("/meta", response_model=ArtifactOut, responses=ERRORS)
 def meta(store: StoreDep, settings: SettingsDep,
          key: Annotated[str, Query(max_length=1024)]) -> ArtifactOut:
-    obj = store.head(_in_scope(_checked(key, "key"), "key", settings))
+    obj = store.head(artifact_key(key, settings))
     if obj is None:
         raise ArtifactNotFound(f"no artifact {key!r}", field="key",
                                hint="`chatspace-jobs artifacts ls` lists keys")
@@ -98,7 +109,7 @@ def meta(store: StoreDep, settings: SettingsDep,
 @router.get("/url", response_model=ArtifactUrl, responses=ERRORS)
 def url(store: StoreDep, settings: SettingsDep, key: Annotated[str, Query(max_length=1024)],
         expires_s: Annotated[int, Query(ge=1, le=7 * 24 * 3600)] = 3600) -> ArtifactUrl:
-    checked = _in_scope(_checked(key, "key"), "key", settings)
+    checked = artifact_key(key, settings)
     return ArtifactUrl(key=key, url=store.url(checked, expires_s=expires_s),
                        expires_s=expires_s)
 
@@ -137,6 +148,7 @@ def stream_artifact(store, key: str, *, attachment: bool = True):
 @router.get("/content", responses={**ERRORS, 200: {
     "description": "the artifact's bytes; X-Content-SHA256 carries its recorded sha256",
     "content": {"application/octet-stream": {}}}})
-def content(store: StoreDep, key: Annotated[str, Query(max_length=1024)]):
+def content(store: StoreDep, settings: SettingsDep,
+            key: Annotated[str, Query(max_length=1024)]):
     """Download one artifact through the API (checked against its sha256 on the way out)."""
-    return stream_artifact(store, _checked(key, "key"))
+    return stream_artifact(store, artifact_key(key, settings))

@@ -261,6 +261,7 @@ def test_artifacts_routes(api):
             ("/artifacts", {"prefix": "chats"}, 422, "prefix"),
             ("/artifacts/meta", {"key": "datasets/traits/a.json"}, 422, "key"),
             ("/artifacts/url", {"key": "datasets/traits/a.json"}, 422, "key"),
+            ("/artifacts/content", {"key": "datasets/traits/a.json"}, 422, "key"),
             ("/artifacts", {"job": "0" * 32}, 422, "job")):
         r = api.http.get(path, params=params)
         assert r.status_code == status and r.json()["field"] == field, (path, params, r.text)

@@ -121,7 +121,8 @@ def test_database_down_is_503_with_retry_after_on_every_route(monkeypatch, tmp_p
                 ("POST", f"/jobs/{job}/cancel", None), ("POST", f"/jobs/{job}/retry", None),
                 ("GET", "/workers", None), ("POST", "/workers/w1/release", None),
                 ("POST", "/workers/w1/reload", None), ("GET", "/metrics", None),
-                ("GET", "/artifacts", {"job": job})]
+                ("GET", "/artifacts", {"job": job}), ("GET", f"/jobs/{job}/analysis", None),
+                ("POST", f"/jobs/{job}/analysis", None)]
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30) as c:
             for method, path, arg in needs_db:
@@ -139,7 +140,8 @@ def test_database_down_is_503_with_retry_after_on_every_route(monkeypatch, tmp_p
             paths = {r.path for r in app.routes if getattr(r, "include_in_schema", False)}
             covered = {p.replace(job, "{job_id}").replace("w1", "{name}")
                        for _, p, _ in needs_db} | {"/readyz", "/healthz", "/datasets"}
-            assert paths - covered <= {"/artifacts/meta", "/artifacts/url"}, paths - covered
+            assert paths - covered <= {"/artifacts/meta", "/artifacts/url",  # no database
+                                       "/artifacts/content"}, paths - covered
     finally:
         server.should_exit = True
         thread.join(10)
