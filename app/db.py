@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 
 _factories: dict[tuple[int, str], sessionmaker] = {}
 
@@ -40,6 +41,10 @@ def make_engine(url: str | None = None, **kw) -> Engine:
     url = _resolve_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            # a server that drops packets must not hold a request (or a heartbeat) for the
+            # kernel's TCP timeout of minutes; refused connections fail at once anyway
+            kw.setdefault("connect_args", {}).setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
         return create_engine(url, pool_pre_ping=True, future=True, **kw)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,12 @@ Every state change is one guarded ``UPDATE ... WHERE id = :id AND state = :curre
 number and lease owner, so a worker presumed dead cannot overwrite the result of the worker
 that took its item over.
 
-Lock order is item rows, then the job row, everywhere; that keeps concurrent claims, cancels
-and completions on Postgres free of deadlocks.
+Lock order, everywhere: a worker's row, then item rows, then the job row. Two transactions
+that lock rows in opposite orders deadlock on Postgres (one is aborted after
+``deadlock_timeout``), so every function here takes them in this order: a heartbeat
+(:func:`heartbeat`) updates its worker row, then extends its items' leases; the reaper
+(:func:`reap_dead_workers`) locks the dead workers' rows, then expires their items' leases;
+claims, cancels and completions lock items, then the job row.
 """
 
 from __future__ import annotations
@@ -534,6 +538,68 @@ def finish_job_if_done(session: Session, *, job_id: str,
         return None
 
 
+def load_failures(session: Session, *, job_id: str) -> int:
+    """Failed model loads recorded for the job since it was submitted or last retried."""
+    since = session.execute(select(func.max(JobEvent.id)).where(
+        JobEvent.job_id == job_id, JobEvent.kind == "state", JobEvent.item_id.is_(None),
+        JobEvent.to_state == JobState.QUEUED.value)).scalar()
+    q = select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id,
+                                                         JobEvent.kind == "load_failed")
+    if since is not None:
+        q = q.where(JobEvent.id > since)
+    return int(session.execute(q).scalar_one())
+
+
+def record_load_failure(session: Session, *, job_id: str, worker: str, error: str,
+                        max_failures: int | None = None) -> Job:
+    """A worker could not start the engine for this job's model (out of GPU memory, a
+    missing model, an unsupported architecture...).
+
+    The error text becomes a ``load_failed`` event and the job's last error, so ``status``,
+    ``--wait`` and the API show why a queued job is not running. After ``max_failures``
+    failed loads since submit (or retry), with no item of the job running anywhere, its
+    queued items and the job fail with that error: a model no worker can load would
+    otherwise keep the job queued forever. Returns the job.
+    """
+    if max_failures is None:
+        from app.settings import get_settings
+
+        max_failures = get_settings().max_load_failures
+    job = get_job(session, job_id=job_id)
+    if job.state not in JOB_ACTIVE:
+        return job
+    failures = load_failures(session, job_id=job.id) + 1
+    text = (f"worker {worker} could not load {job.model} ({job.dtype}): {error}")[:2000]
+    _event(session, job_id=job.id, kind="load_failed", worker=worker, message=text,
+           data={"model": job.model, "dtype": job.dtype, "failures": failures,
+                 "max_failures": max_failures})
+    counts = _item_counts(session, job.id)
+    if failures < max_failures or counts[ItemState.RUNNING.value]:
+        session.execute(update(Job).where(Job.id == job.id, Job.state.in_(
+            [s.value for s in JOB_ACTIVE])).values(error=text, updated_at=_now())
+            .execution_options(synchronize_session=False))
+        return get_job(session, job_id=job.id)
+    reason = f"{failures} failed model loads; the last: {text}"
+    ids = session.execute(select(JobItem.id).where(
+        JobItem.job_id == job.id, JobItem.state == ItemState.QUEUED.value)
+        .order_by(JobItem.position)).scalars().all()
+    for item_id in ids:  # items before the job row (lock order)
+        try:
+            transition_item(session, item_id=item_id, to=ItemState.FAILED,
+                            allowed_from=[ItemState.QUEUED], worker=worker,
+                            failure_kind=FailureKind.ERROR, error=reason,
+                            message="the model could not be loaded")
+        except InvalidTransition:
+            continue  # claimed a moment ago by a worker that could load it
+    if _item_counts(session, job.id)[ItemState.RUNNING.value]:
+        return get_job(session, job_id=job.id)
+    try:
+        return transition_job(session, job_id=job.id, to=JobState.FAILED, worker=worker,
+                              failure_kind=FailureKind.ERROR, error=reason)
+    except InvalidTransition:
+        return get_job(session, job_id=job.id)
+
+
 def request_cancel(session: Session, *, job_id: str, worker: str | None = None) -> Job:
     """Cancel a job: queued items are cancelled now; running items stop at their next batch
     (their worker sees ``cancel_requested``) and the job ends cancelled when none runs."""
@@ -543,7 +609,7 @@ def request_cancel(session: Session, *, job_id: str, worker: str | None = None) 
     if job.state not in JOB_ACTIVE:
         raise InvalidTransition(f"job {job.id} is {job.state}; only queued or running jobs "
                                 "can be cancelled", field="state")
-    _cancel_queued_items(session, job.id, worker)  # items before the job row (lock order)
+    _cancel_queued_items(session, job.id, worker)  # items before the job row
     res = session.execute(update(Job).where(
         Job.id == job.id, Job.state.in_([s.value for s in JOB_ACTIVE]))
         .values(cancel_requested=True, updated_at=_now())
@@ -619,6 +685,16 @@ def upsert_worker(session: Session, *, name: str, **fields) -> Worker:
     return worker
 
 
+def heartbeat(session: Session, *, name: str, lease_s: float, **fields) -> Worker:
+    """A worker's heartbeat: its row (:func:`upsert_worker`), then the leases of the items it
+    runs (:func:`extend_leases`) — worker row before item rows, the module's lock order. A
+    worker reporting ``state="stopped"`` extends nothing."""
+    worker = upsert_worker(session, name=name, **fields)
+    if fields.get("state") != WorkerState.STOPPED.value:
+        extend_leases(session, worker=name, lease_s=lease_s)
+    return worker
+
+
 def list_workers(session: Session) -> list[Worker]:
     return list(session.execute(select(Worker).order_by(Worker.name)).scalars())
 
@@ -626,21 +702,30 @@ def list_workers(session: Session) -> list[Worker]:
 def reap_dead_workers(session: Session, *, stale_s: float,
                       now: datetime | None = None) -> list[str]:
     """Workers silent for ``stale_s`` are marked stopped and their leases expired now, so
-    the next :func:`reap_expired` re-queues their items. Returns the dead workers' names."""
+    the next :func:`reap_expired` re-queues their items. Returns the dead workers' names.
+
+    The worker rows are locked first (the module's lock order), in name order, skipping rows
+    a heartbeat holds right now: a worker whose heartbeat is being written is alive. Postgres
+    re-checks the staleness on the row's newest version when it locks it, so a heartbeat
+    that committed a moment ago also keeps its worker from being reaped.
+    """
     now = now or _now()
-    dead = session.execute(select(Worker.name).where(
-        Worker.state != WorkerState.STOPPED.value,
-        Worker.heartbeat_at < now - timedelta(seconds=stale_s))).scalars().all()
+    q = (select(Worker.name).where(Worker.state != WorkerState.STOPPED.value,
+                                   Worker.heartbeat_at < now - timedelta(seconds=stale_s))
+         .order_by(Worker.name))
+    if _is_pg(session):
+        q = q.with_for_update(skip_locked=True)
+    dead = list(session.execute(q).scalars().all())
     if dead:
-        session.execute(update(JobItem).where(
-            JobItem.lease_owner.in_(dead), JobItem.state == ItemState.RUNNING.value)
-            .values(lease_expires_at=now - timedelta(microseconds=1))
-            .execution_options(synchronize_session=False))
         session.execute(update(Worker).where(Worker.name.in_(dead))
                         .values(state=WorkerState.STOPPED.value, current_job_id=None,
                                 current_item_id=None)
                         .execution_options(synchronize_session=False))
-    return list(dead)
+        session.execute(update(JobItem).where(
+            JobItem.lease_owner.in_(dead), JobItem.state == ItemState.RUNNING.value)
+            .values(lease_expires_at=now - timedelta(microseconds=1))
+            .execution_options(synchronize_session=False))
+    return dead
 
 
 def release_worker_items(session: Session, *, worker: str,

@@ -41,6 +41,7 @@ class S3Settings(BaseSettings):
     path_style: bool = True  # MinIO needs path-style addressing
     multipart_threshold_mb: int = 64
     connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
     max_attempts: int = 5  # botocore retries per request
     upload_retry_s: float = 120.0  # how long an upload keeps retrying before StorageError
 
@@ -119,11 +120,18 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_tokens: list[SecretStr] = Field(default_factory=list)  # bearer tokens; empty = no auth
     api_token: SecretStr | None = None  # the token the CLI sends
+    # /docs, /redoc and /openapi.json need the same bearer token as every other route unless
+    # this opens them (e.g. to browse the docs in a browser, which sends no token).
+    api_docs_public: bool = False
 
     heartbeat_s: float = 5.0
     lease_s: float = 60.0  # an item's lease; heartbeats extend it, the reaper expires it
     worker_stale_s: float = 30.0  # a worker silent this long is dead
     max_item_attempts: int = 3
+    # A job whose model no worker could load this many times (and that no worker is running)
+    # fails with the load error instead of waiting forever.
+    max_load_failures: int = 3
+    load_retry_s: float = 10.0  # a worker retries a failed engine load at start after this × try
     # Redis re-delivers an unacked task after this long; it must outlast the longest job
     # (late acks). Postgres leases, not the broker, guard against a second run.
     broker_visibility_timeout_s: float = 7 * 24 * 3600.0

@@ -156,7 +156,7 @@ def wiring():
         log.warning("workers.dispatch unavailable (%s): jobs stay queued in the database "
                     "until a worker's reconciler sends them", exc)
 
-        def enqueue_job(job_id: str) -> None:
+        def enqueue_job(job_id: str, *, reason: str = "submitted") -> None:
             log.warning("job %s not enqueued: no dispatcher", job_id)
     try:
         from workers import control

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.text import Text
 
-from app.queues import ANY_QUEUE, queue_name
 from app.spec import KINDS
-from cli import views
+from cli import views, waiting
 from cli.commands import register
 from cli.common import (
     EXIT_FOR_STATE,
@@ -199,14 +199,6 @@ def _responses(value: str | None, c) -> str | None:
     return f"uploads/{digest}"
 
 
-def _needs_local_worker(c, job: dict) -> bool:
-    """In-process mode with no live worker able to take the job: nothing else would run it."""
-    if c.where != "in-process":
-        return False
-    wanted = {queue_name(job["model"], job["dtype"]), ANY_QUEUE}
-    return not any(w.get("alive") and wanted & set(w.get("queues") or []) for w in c.workers())
-
-
 def _start_local_worker(job_id: str):
     from workers.cli import run_local_until_idle
 
@@ -218,17 +210,29 @@ def _start_local_worker(job_id: str):
 
 def _watch(ctx, c, job_id: str, *, as_json: bool, start_local: bool = False,
            interval: float = 1.0) -> int:
+    """Live progress until the job ends, with a line saying why it waits when nothing runs
+    (cli.waiting); ``start_local`` (``submit --wait``) starts a local worker in-process mode
+    whenever no live worker serves the job."""
+    local = waiting.LocalWorkers(_start_local_worker) if (
+        start_local and c.where == "in-process") else None
+    t0 = time.monotonic()
+
+    def view(job):
+        workers = c.workers() if job["state"] not in TERMINAL else []
+        if local is not None and local.ensure(job, workers):
+            click.echo("no live worker serves this model; starting a local one", err=True)
+        line = waiting.note(job, workers, waited_s=time.monotonic() - t0,
+                            local=local is not None and local.active)
+        table = views.progress_view([job])
+        return Group(table, Text(line, style="yellow")) if line else table
+
     job = c.job(job_id)
-    if start_local and job["state"] not in TERMINAL and _needs_local_worker(c, job):
-        click.echo("no live worker serves this model; starting a local one", err=True)
-        _start_local_worker(job_id)
     console = Console(stderr=as_json)
-    with Live(views.progress_view([job]), console=console, refresh_per_second=4,
-              transient=False) as live:
+    with Live(view(job), console=console, refresh_per_second=4, transient=False) as live:
         while job["state"] not in TERMINAL:
             time.sleep(interval)
             job = c.job(job_id)
-            live.update(views.progress_view([job]))
+            live.update(view(job))
     if as_json:
         emit(job, True)
     elif job["state"] != "succeeded":

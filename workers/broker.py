@@ -18,13 +18,17 @@ settings (tests change the environment between runs).
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from app.queues import queue_name
 from app.settings import Settings, get_settings
 from workers.config import RUN_JOB, nodename
+
+log = logging.getLogger(__name__)
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -79,3 +83,29 @@ def broadcast(command: str, worker: str | None, *, timeout: float) -> list[dict]
         f"chatspace_{command}", destination=destination, reply=True, timeout=timeout)
     return [{"worker": node.split("@", 1)[-1], **(body if isinstance(body, dict) else {"ok": body})}
             for reply in replies or [] for node, body in reply.items()]
+
+
+BROKER_TIMEOUT_S = 3.0
+
+
+def queue_lengths(queues) -> dict[str, int | None]:
+    """Messages waiting per queue, from the broker (None per queue when it cannot say).
+    The reconciler reads it: a queue still holding messages needs no more
+    (:mod:`workers.wakeups`)."""
+    out: dict[str, int | None] = dict.fromkeys(queues)
+    try:
+        with get_app().connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
+            channel = conn.default_channel
+            for q in queues:
+                out[q] = _length(channel, q)
+    except Exception as exc:  # noqa: BLE001 - an unreachable broker: the caller sends nothing
+        log.warning("broker queue lengths unavailable: %s", type(exc).__name__)
+    return out
+
+
+def _length(channel, queue: str) -> int:
+    try:
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+    except ChannelError:
+        return 0  # a queue nobody declared (Redis: no list) holds nothing

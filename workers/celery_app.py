@@ -55,11 +55,19 @@ def _on_init(**_):
         raise SystemExit(1) from None
 
 
+def _on_ready(**_):
+    try:
+        lifecycle.worker_ready()
+    except Exception:
+        log.exception("heartbeat at worker_ready failed")
+
+
 def _on_shutdown(**_):
     lifecycle.stop_worker_services()
 
 
 signals.worker_init.connect(_on_init, weak=False, dispatch_uid="chatspace-worker-init")
+signals.worker_ready.connect(_on_ready, weak=False, dispatch_uid="chatspace-worker-ready")
 signals.worker_shutdown.connect(_on_shutdown, weak=False, dispatch_uid="chatspace-worker-stop")
 
 

@@ -6,9 +6,10 @@ a live worker serves it, else the any-model queue when an any-model worker is al
 pool's queue with a ``waiting`` event saying no live worker serves that model — the job is
 accepted and visibly waiting, not silently stuck). :func:`reconcile`, run by every worker's
 reaper, re-sends jobs that are queued or running with claimable items that no live worker
-holds — after a Redis flush or restart, a lost filesystem message, or a worker death — at
-most once per ``worker_stale_s`` per job. A duplicate message is harmless: items are taken
-with leases, never twice.
+holds, and wakes idle workers of a pool whose jobs have more queued items than holders — only
+into an empty queue, so the broker never holds more messages than there is open work
+(:mod:`workers.wakeups`). A duplicate message is harmless: items are taken with leases,
+never twice.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from sqlalchemy import exists, select
 
 from app import jobs
 from app.db import session_scope
-from app.models import Job, JobEvent, JobItem, Worker, utcnow
+from app.models import Job, JobItem, Worker, utcnow
 from app.queues import ANY_QUEUE, queue_name
 from app.settings import get_settings
 from app.storage import get_store
-from workers import broker
+from workers import broker, wakeups
 from workers.manifest import finish
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,11 @@ def live_workers(session) -> list:
             if w.state != "stopped" and _aware(w.last_heartbeat) and _aware(w.last_heartbeat) >= cutoff]
 
 
-def choose_queue(session, *, model: str, dtype: str) -> tuple[str, bool]:
+def choose_queue(session, *, model: str, dtype: str, workers=None) -> tuple[str, bool]:
     """(queue, served): the pool queue if a live worker consumes it, else the any queue if an
     any-model worker lives, else the pool queue with served=False."""
     pool = queue_name(model, dtype)
-    workers = live_workers(session)
+    workers = live_workers(session) if workers is None else workers
     if any(pool in (w.queues or []) for w in workers):
         return pool, True
     if any(ANY_QUEUE in (w.queues or []) for w in workers):
@@ -54,19 +55,27 @@ def choose_queue(session, *, model: str, dtype: str) -> tuple[str, bool]:
     return pool, False
 
 
-def enqueue_job(job_id, *, reason: str = "submitted") -> str:
-    """Send the job's task to its queue (call after the job's row is committed)."""
+def enqueue_job(job_id, *, reason: str = "submitted", messages: int | None = None,
+                queue: str | None = None, why: str | None = None) -> str:
+    """Wake workers for the job (call after the job's row is committed): ``messages`` task
+    messages on its queue, by default one per queued item up to the number of live workers
+    of the pool (:func:`workers.wakeups.submit_wakeups`), so every idle one claims at once."""
     job_id = str(job_id)
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None:
             raise ValueError(f"job_id: no job {job_id!r}; commit it before enqueueing")
-        queue, served = choose_queue(s, model=job.model, dtype=job.dtype)
+        chosen, served = choose_queue(s, model=job.model, dtype=job.dtype)
+        queue = queue or chosen
         model, dtype = job.model, job.dtype
-    broker.send_job(job_id, queue=queue)
+        if messages is None:
+            messages = wakeups.submit_wakeups(s, job_id=job_id, queue=queue)
+    for _ in range(max(1, messages)):
+        broker.send_job(job_id, queue=queue)
     with session_scope() as s:
-        jobs.record_event(s, job_id=job_id, kind="enqueued", data={"queue": queue,
-                                                                    "reason": reason})
+        jobs.record_event(s, job_id=job_id, kind="enqueued", data={
+            "queue": queue, "reason": reason, "messages": max(1, messages),
+            **({"why": why} if why else {})})
         if not served:
             jobs.record_event(s, job_id=job_id, kind="waiting", data={
                 "queue": queue, "message": f"no live worker serves {model} ({dtype}); the job "
@@ -88,29 +97,19 @@ def pending_jobs(*, model: str | None, dtype: str | None) -> list[str]:
 
 
 def reconcile() -> list[str]:
-    """Re-enqueue jobs with claimable items that no live worker holds. Returns their ids."""
-    resent = []
-    with session_scope() as s:
-        candidates = [str(j) for j in jobs.jobs_needing_dispatch(s)]
-        recent = {}
-        if candidates:
-            rows = s.execute(select(JobEvent.job_id, JobEvent.created_at).where(
-                JobEvent.job_id.in_(candidates), JobEvent.kind == "enqueued")).all()
-            for jid, ts in rows:
-                ts = _aware(ts)
-                if str(jid) not in recent or ts > recent[str(jid)]:
-                    recent[str(jid)] = ts
-    cutoff = utcnow() - timedelta(seconds=get_settings().worker_stale_s)
-    for job_id in candidates:
-        if recent.get(job_id) and recent[job_id] > cutoff:
-            continue
-        try:
-            enqueue_job(job_id, reason="reconciler")
-            resent.append(job_id)
-        except Exception:
-            log.exception("reconciler could not re-enqueue job %s", job_id)
+    """Wake workers for jobs that lost their message or have idle workers to spare, without
+    ever filling a queue that still holds messages (:mod:`workers.wakeups`); then finish
+    stranded jobs. Returns the ids of the jobs woken."""
+    def queue_of(job, workers) -> str:
+        return choose_queue(None, model=job.model, dtype=job.dtype, workers=workers)[0]
+
+    def send(job_id: str, queue: str, n: int, why: str) -> None:
+        enqueue_job(job_id, reason="reconciler", messages=n, queue=queue, why=why)
+
+    woken = [w.job_id for w in wakeups.reconcile(queue_of=queue_of, send=send,
+                                                 queue_lengths=broker.queue_lengths)]
     finish_stranded()
-    return resent
+    return woken
 
 
 def finish_stranded() -> list[str]:

@@ -31,7 +31,7 @@ from app.db import session_scope
 from app.errors import EngineOOM, InvalidTransition, RetryableError, SpecInvalid
 from app.models import Artifact, Job, JobItem
 from app.storage import get_store
-from workers import pipeline
+from workers import loadfail, pipeline
 from workers.batching import JobCancelled
 from workers.manifest import finish
 from workers.params import JobParams
@@ -92,7 +92,13 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
             jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
 
     runtime = worker.runtime
-    engine = runtime.acquire(model, dtype, on_event=event)
+    try:
+        engine = loadfail.load(lambda: runtime.acquire(model, dtype, on_event=event))
+    except loadfail.LoadFailed as exc:  # the job says why it is not running
+        log.exception("job %s: worker %s could not load %s (%s)", job_id, worker.name, model,
+                      dtype)
+        loadfail.record([job_id], worker=worker.name, exc=exc)
+        return {"job_id": job_id, "ran": 0, "reason": "the model could not be loaded"}
     store = get_store(settings)
     ran = 0
     try:

@@ -28,7 +28,7 @@ from app.db import session_scope
 from app.models import Worker
 from app.queues import worker_queues
 from app.settings import get_settings
-from workers import dispatch, gpu, remote
+from workers import dispatch, gpu, loadfail, remote
 from workers.config import WORKER_ENV, WorkerEnv
 from workers.jobloop import execute_job
 from workers.runtime import EngineRuntime
@@ -60,6 +60,10 @@ class WorkerServices:
                                      settings=self.settings)
         self.jobs_done = 0
         self.current_job: str | None = None
+        # Celery's consumer starts only after start() returns (worker_init), seconds later on
+        # a busy host; until worker_ready the row says "starting", not "idle", so nobody
+        # (the reconciler, --wait, a test) takes a worker that takes no message for idle.
+        self.consuming = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -84,7 +88,11 @@ class WorkerServices:
             t.start()
             self._threads.append(t)
         if preload and self.model:
-            self.runtime.acquire(self.model, self.dtype or self.settings.default_dtype)
+            dtype = self.dtype or self.settings.default_dtype
+            loadfail.preload(lambda: self.runtime.acquire(self.model, dtype), worker=self.name,
+                             model=self.model, dtype=dtype,
+                             tries=self.settings.max_load_failures,
+                             delay_s=self.settings.load_retry_s)
             self.heartbeat()
 
     def release_previous_items(self) -> list[str]:
@@ -119,6 +127,9 @@ class WorkerServices:
 
     def stop(self) -> None:
         self._stop.set()
+        for t in self._threads:  # a heartbeat in flight must not land after "stopped" and
+            if t is not threading.current_thread():  # make this worker look alive
+                t.join(timeout=10)
         try:
             self.runtime.shutdown()
         finally:
@@ -136,6 +147,7 @@ class WorkerServices:
 
     # -- jobs -----------------------------------------------------------------------------
     def run_job(self, job_id: str) -> dict:
+        self.consuming = True  # a message arrived (also when started in-process)
         try:
             return execute_job(job_id, worker=self)
         finally:
@@ -154,17 +166,25 @@ class WorkerServices:
     def idle(self) -> None:
         self.runtime.state = "idle"
 
+    def reported_state(self) -> str:
+        state = self.runtime.state
+        return "starting" if state == "idle" and not self.consuming else state
+
+    def ready(self) -> None:
+        """Celery's consumer is taking messages (worker_ready)."""
+        self.consuming = True
+        self.heartbeat()
+
     # -- periodic -------------------------------------------------------------------------
     def heartbeat(self, state: str | None = None) -> None:
         with session_scope() as s:
-            jobs.upsert_worker(
-                s, name=self.name, state=state or self.runtime.state, host=socket.gethostname(),
+            jobs.heartbeat(
+                s, name=self.name, lease_s=self.settings.lease_s,
+                state=state or self.reported_state(), host=socket.gethostname(),
                 pid=os.getpid(), gpu=self.runtime.gpu, model=self.runtime.model or self.model,
                 dtype=self.runtime.dtype or self.dtype, queues=self.queues,
                 memory=self.runtime.memory(), model_info=self.runtime.model_info(),
                 current_job_id=self.current_job)
-            if state != "stopped":
-                jobs.extend_leases(s, worker=self.name, lease_s=self.settings.lease_s)
 
     def reap(self) -> None:
         with session_scope() as s:
@@ -211,3 +231,9 @@ def start_worker_services(*, preload: bool = True) -> WorkerServices:
 def stop_worker_services() -> None:
     if _current is not None:
         _current.stop()
+
+
+def worker_ready() -> None:
+    """Celery's consumer takes messages now (the worker_ready signal)."""
+    if _current is not None:
+        _current.ready()

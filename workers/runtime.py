@@ -146,7 +146,11 @@ class EngineRuntime:
                 self.shutdown()
             self.state = "loading"
             log.info("worker %s loading %s (%s)", self.worker_name, model, dtype)
-            self.engine = self._loader(model, dtype, self.settings)
+            try:
+                self.engine = self._loader(model, dtype, self.settings)
+            except BaseException:
+                self.state = "idle"  # no engine, ready to try again (or to exit when idle)
+                raise
             self.model, self.dtype = model, dtype
             self._warm_up()
             gpu.free_process_memory()

@@ -2,6 +2,15 @@
 
 Keys are checked here before the store sees them: a malformed key is the caller's mistake
 (422 naming ``key``), while the store's own ``StorageError`` means it is unreachable (503).
+
+Only artifact keys are served: keys under ``CHATSPACE_ARTIFACTS_PREFIX`` (``chatspace/`` by
+default). The bucket may hold other things — datasets (``CHATSPACE_DATASETS_ROOT`` can point
+into the same bucket), other teams' files — and a token to this API is not a key to the
+bucket. A job's own listing uses the prefix recorded on the job at submit.
+
+Reads here give up fast (one attempt, a short timeout: :meth:`ArtifactStore.for_reads`):
+the store's upload retry (minutes) is for workers, and a caller of the API must get a 503
+while S3 is down, not a request that hangs behind it.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import Auth, SessionDep, StoreDep
+from app.api.deps import Auth, SessionDep, SettingsDep, StoreDep
 from app.api.schemas import ArtifactList, ArtifactOut, ArtifactUrl
 from app.errors import ArtifactNotFound, SpecInvalid, StorageError
 from app.models import Job
@@ -36,13 +45,41 @@ def _checked(value: str, what: str, *, prefix: bool = False) -> str:
         raise SpecInvalid(exc.message, field=what, hint=exc.hint) from None
 
 
+def artifact_root(settings) -> str:
+    """The key prefix every artifact lives under ('' when the prefix is the whole bucket)."""
+    root = (settings.artifacts_prefix or "").strip("/")
+    return f"{root}/" if root else ""
+
+
+def _in_scope(value: str, what: str, settings) -> str:
+    root = artifact_root(settings)
+    inside = value.startswith(root) or (what == "prefix" and value.rstrip("/") + "/" == root)
+    if not inside:
+        raise SpecInvalid(f"{what} {value[:200]!r} is not under the artifacts prefix {root!r}",
+                          field=what, hint=f"artifact keys start with {root!r} "
+                                           "(`chatspace-jobs artifacts ls` lists them)")
+    return value
+
+
+def artifact_key(key: str, settings) -> str:
+    """``key`` checked: well-formed and an artifact's (under the artifacts prefix)."""
+    return _in_scope(_checked(key, "key"), "key", settings)
+
+
+def artifact_prefix(prefix: str | None, settings) -> str:
+    """A listing prefix checked the same way; none means every artifact."""
+    if not prefix:
+        return artifact_root(settings)
+    return _in_scope(_checked(prefix, "prefix", prefix=True), "prefix", settings)
+
+
 def _out(obj) -> ArtifactOut:
     return ArtifactOut(key=obj.key, size=obj.size, sha256=obj.sha256,
                        last_modified=obj.last_modified, meta=dict(obj.meta or {}))
 
 
 @router.get("", response_model=ArtifactList, responses=ERRORS)
-def list_artifacts(session: SessionDep, store: StoreDep,
+def list_artifacts(session: SessionDep, store: StoreDep, settings: SettingsDep,
                    job: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = None,
                    prefix: Annotated[str | None, Query(max_length=1024)] = None,
                    limit: Annotated[int, Query(ge=1, le=100000)] = 10000) -> ArtifactList:
@@ -54,14 +91,15 @@ def list_artifacts(session: SessionDep, store: StoreDep,
             return ArtifactList(prefix="", artifacts=[])
         where = row.artifact_prefix.rstrip("/") + "/"
     else:
-        where = _checked(prefix or "", "prefix", prefix=True)
+        where = artifact_prefix(prefix, settings)
     objects = store.list(where)[:limit]
     return ArtifactList(prefix=where, artifacts=[_out(o) for o in objects])
 
 
 @router.get("/meta", response_model=ArtifactOut, responses=ERRORS)
-def meta(store: StoreDep, key: Annotated[str, Query(max_length=1024)]) -> ArtifactOut:
-    obj = store.head(_checked(key, "key"))
+def meta(store: StoreDep, settings: SettingsDep,
+         key: Annotated[str, Query(max_length=1024)]) -> ArtifactOut:
+    obj = store.head(artifact_key(key, settings))
     if obj is None:
         raise ArtifactNotFound(f"no artifact {key!r}", field="key",
                                hint="`chatspace-jobs artifacts ls` lists keys")
@@ -69,9 +107,10 @@ def meta(store: StoreDep, key: Annotated[str, Query(max_length=1024)]) -> Artifa
 
 
 @router.get("/url", response_model=ArtifactUrl, responses=ERRORS)
-def url(store: StoreDep, key: Annotated[str, Query(max_length=1024)],
+def url(store: StoreDep, settings: SettingsDep, key: Annotated[str, Query(max_length=1024)],
         expires_s: Annotated[int, Query(ge=1, le=7 * 24 * 3600)] = 3600) -> ArtifactUrl:
-    return ArtifactUrl(key=key, url=store.url(_checked(key, "key"), expires_s=expires_s),
+    checked = artifact_key(key, settings)
+    return ArtifactUrl(key=key, url=store.url(checked, expires_s=expires_s),
                        expires_s=expires_s)
 
 
@@ -109,6 +148,7 @@ def stream_artifact(store, key: str, *, attachment: bool = True):
 @router.get("/content", responses={**ERRORS, 200: {
     "description": "the artifact's bytes; X-Content-SHA256 carries its recorded sha256",
     "content": {"application/octet-stream": {}}}})
-def content(store: StoreDep, key: Annotated[str, Query(max_length=1024)]):
+def content(store: StoreDep, settings: SettingsDep,
+            key: Annotated[str, Query(max_length=1024)]):
     """Download one artifact through the API (checked against its sha256 on the way out)."""
-    return stream_artifact(store, _checked(key, "key"))
+    return stream_artifact(store, artifact_key(key, settings))

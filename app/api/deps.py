@@ -37,12 +37,18 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
+#: how long the API waits on a dependency (database, broker, store) before answering 503
+DEPENDENCY_TIMEOUT_S = 2.0
+
+
 def get_store_dep(request: Request):
+    """The artifact store as the API uses it: failing fast (:meth:`ArtifactStore.fail_fast`),
+    so a request answers 503 while S3 is down instead of hanging behind upload retries."""
     from app.storage import get_store
 
     state = request.app.state
     if getattr(state, "store", None) is None:
-        state.store = get_store(state.settings)
+        state.store = get_store(state.settings).fail_fast(timeout_s=DEPENDENCY_TIMEOUT_S)
     return state.store
 
 

@@ -2,8 +2,11 @@
 
 Every ``ChatspaceError`` becomes its ``http_status`` with its own field and hint; request
 validation errors (pydantic) and routing errors (404/405) take the same shape, so a client
-(and the CLI) reads one format. Anything else is a 500 whose body says nothing about the
-internals — the traceback goes to the log, tagged with the request path.
+(and the CLI) reads one format. A database that cannot be reached (connection refused or
+lost, pool exhausted, a transaction aborted by the server) is a 503 with ``Retry-After`` on
+every route: the request was fine and will work again, which a 500 does not say. Every 503
+carries ``Retry-After``. Anything else is a 500 whose body says nothing about the internals
+— the traceback goes to the log, tagged with the request path.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from app.errors import ChatspaceError
 log = logging.getLogger(__name__)
 
 _LOC_ROOTS = ("body", "query", "path", "header", "cookie")
+RETRY_AFTER_S = 5
 
 
 def field_path(loc) -> str | None:
@@ -43,7 +47,20 @@ def _body(code: str, message: str, field: str | None = None, hint: str | None = 
 
 async def chatspace_error(_request: Request, exc: ChatspaceError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    if exc.http_status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+
+
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]
+    log.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path,
+                type(exc).__name__, first[0][:300] if first else "")
+    return JSONResponse(
+        _body("database_unavailable", "the database is unavailable; try again shortly",
+              hint="check that the database server is running and migrated "
+                   "(CHATSPACE_DATABASE_URL, `chatspace-jobs db upgrade`)"),
+        status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -67,7 +84,11 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    from sqlalchemy import exc as sa
+
     app.add_exception_handler(ChatspaceError, chatspace_error)
+    for cls in (sa.OperationalError, sa.InterfaceError, sa.TimeoutError, sa.DisconnectionError):
+        app.add_exception_handler(cls, database_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)

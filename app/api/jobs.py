@@ -92,14 +92,14 @@ def retry(job_id: JobId, session: SessionDep, enqueue: EnqueueDep) -> JobOut:
     load_job(session, job_id)
     jobs.retry_job(session, job_id=job_id)
     session.commit()
-    _enqueue_after_commit(enqueue, job_id)
+    _enqueue_after_commit(enqueue, job_id, reason="retry")
     return job_out(load_job(session, job_id), session)
 
 
-def _enqueue_after_commit(enqueue, job_id: str) -> None:
+def _enqueue_after_commit(enqueue, job_id: str, *, reason: str) -> None:
     import logging
 
     try:
-        enqueue(job_id)
+        enqueue(job_id, reason=reason)
     except Exception:
         logging.getLogger(__name__).exception("job %s retried but not enqueued", job_id)

@@ -220,10 +220,10 @@ def workers_page(request: Request):
 
 @router.get("/artifacts", response_class=HTMLResponse)
 def artifacts_page(request: Request, prefix: str = ""):
-    from app.api.artifacts import _checked
+    from app.api.artifacts import artifact_prefix
 
     require_login(request)
-    prefix = _checked(prefix, "prefix", prefix=True)
+    prefix = artifact_prefix(prefix, request.app.state.settings)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     store = _store(request)
@@ -240,10 +240,11 @@ def artifacts_page(request: Request, prefix: str = ""):
 @router.get("/file")
 def file(request: Request, key: str, download: int = 1):
     """One artifact's bytes (a download, or inline for the plots)."""
-    from app.api.artifacts import _checked, stream_artifact
+    from app.api.artifacts import artifact_key, stream_artifact
 
     require_login(request)
-    return stream_artifact(_store(request), _checked(key, "key"), attachment=bool(download))
+    return stream_artifact(_store(request), artifact_key(key, request.app.state.settings),
+                           attachment=bool(download))
 
 
 # -- wiring -----------------------------------------------------------------------------------

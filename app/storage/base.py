@@ -147,6 +147,13 @@ class ArtifactStore(ABC):
     def check(self) -> None:
         """Raise StorageError unless the store can be written, read back and cleaned."""
 
+    def fail_fast(self, *, timeout_s: float) -> ArtifactStore:
+        """This store for callers who wait on it (the status API): no retries, each request
+        bounded by about ``timeout_s``. A worker's upload may retry for minutes through an
+        outage; a status request must answer 503 at once instead. Adapters that cannot hang
+        return themselves."""
+        return self
+
     # -- shared behaviour -------------------------------------------------------------------
     def head(self, key: str) -> StoredObject | None:
         return self._head(validate_key(key))

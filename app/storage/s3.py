@@ -69,6 +69,15 @@ class S3Store(ArtifactStore):
         self.location = f"bucket '{self.bucket}' at {self.endpoint}"
         self._bucket_ok = False
 
+    def fail_fast(self, *, timeout_s: float) -> S3Store:
+        """A second store on the same bucket: one attempt per request (no botocore retries,
+        no retry loop in :meth:`_call`), connect and read timeouts of ``timeout_s``."""
+        quick = self.settings.model_copy(update={
+            "upload_retry_s": 0.0, "max_attempts": 1,
+            "connect_timeout_s": min(self.settings.connect_timeout_s, timeout_s),
+            "read_timeout_s": min(self.settings.read_timeout_s, timeout_s)})
+        return S3Store(quick)
+
     # -- errors and retries ---------------------------------------------------------------
     def _transient(self, exc: BaseException) -> bool:
         from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -98,9 +107,10 @@ class S3Store(ArtifactStore):
             reason = ("connection refused" if "refused" in text else
                       "timed out" if "timeout" in text or "timed out" in text else
                       type(exc).__name__)
+            retried = (f"retried for {self.settings.upload_retry_s:g}s"
+                       if self.settings.upload_retry_s > 0 else "not retried")
             return StorageError(
-                f"S3 endpoint {self.endpoint} unreachable for {where}: {reason} "
-                f"(retried for {self.settings.upload_retry_s:g}s)",
+                f"S3 endpoint {self.endpoint} unreachable for {where}: {reason} ({retried})",
                 hint="check CHATSPACE_S3_ENDPOINT_URL and that the server is running")
         target = f" of '{key}'" if key else ""
         detail = f"{code} (HTTP {status})" if code else f"{type(exc).__name__}: {exc}"

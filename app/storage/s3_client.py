@@ -37,7 +37,7 @@ def s3_client(s3_settings: S3Settings | Settings):
         response_checksum_validation="when_required",
         retries={"total_max_attempts": max(1, int(s3.max_attempts)), "mode": "standard"},
         connect_timeout=s3.connect_timeout_s,
-        read_timeout=max(s3.connect_timeout_s, 60.0),
+        read_timeout=s3.read_timeout_s,
     )
     return boto3.session.Session().client(
         "s3",

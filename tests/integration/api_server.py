@@ -16,13 +16,16 @@ S3_SECRET = "s3-secret-8e2d41f7c9"
 
 
 class Recorder:
-    """Stands in for ``workers.dispatch.enqueue_job``: remembers every id it was given."""
+    """Stands in for ``workers.dispatch.enqueue_job``: remembers every id (and reason) it was
+    given."""
 
     def __init__(self):
         self.ids: list[str] = []
+        self.reasons: list[str] = []
 
-    def __call__(self, job_id: str) -> None:
+    def __call__(self, job_id: str, *, reason: str = "submitted") -> None:
         self.ids.append(job_id)
+        self.reasons.append(reason)
 
 
 class FakeControl:

@@ -194,6 +194,7 @@ def test_job_lifecycle_routes(api):
     retried = api.http.post(f"/jobs/{job['id']}/retry")
     assert retried.status_code == 200 and retried.json()["state"] == "queued"
     assert api.enqueued.ids == [job["id"], job["id"]]
+    assert api.enqueued.reasons == ["submitted", "retry"]  # a retry is sent as a retry
 
     missing = api.http.get("/jobs/" + "f" * 32)
     assert missing.status_code == 404 and missing.json()["field"] == "job_id"
@@ -245,12 +246,22 @@ def test_artifacts_routes(api):
     assert meta["size"] == len(b"tensor-bytes") and meta["sha256"]
     url = api.http.get("/artifacts/url", params={"key": key}).json()["url"]
     assert url.startswith("file://") and url.endswith("curious.safetensors")
+    # the bucket holds more than artifacts (datasets, say): none of it is served
+    get_store(api.settings).put_bytes("datasets/traits/a.json", b"{}")
+    assert [a["key"] for a in api.http.get("/artifacts").json()["artifacts"]] == [key]
+    refused = api.http.get("/artifacts/url", params={"key": "datasets/traits/a.json"}).json()
+    assert "artifacts prefix" in refused["message"] and "chatspace/" in refused["hint"]
     for path, params, status, field in (
             ("/artifacts/meta", {"key": "../etc/passwd"}, 422, "key"),
             ("/artifacts/meta", {"key": "a\x00b"}, 422, "key"),
             ("/artifacts/meta", {"key": "chatspace/none"}, 404, "key"),
             ("/artifacts/url", {"key": "chatspace/none"}, 404, "key"),
             ("/artifacts", {"prefix": "/abs"}, 422, "prefix"),
+            ("/artifacts", {"prefix": "datasets/"}, 422, "prefix"),
+            ("/artifacts", {"prefix": "chats"}, 422, "prefix"),
+            ("/artifacts/meta", {"key": "datasets/traits/a.json"}, 422, "key"),
+            ("/artifacts/url", {"key": "datasets/traits/a.json"}, 422, "key"),
+            ("/artifacts/content", {"key": "datasets/traits/a.json"}, 422, "key"),
             ("/artifacts", {"job": "0" * 32}, 422, "job")):
         r = api.http.get(path, params=params)
         assert r.status_code == status and r.json()["field"] == field, (path, params, r.text)
@@ -287,7 +298,8 @@ def test_auth_is_required_everywhere_but_health(api):
 
     paths = [("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"), ("GET", "/workers"),
              ("GET", "/artifacts"), ("GET", "/metrics"), ("GET", "/readyz"),
-             ("GET", "/datasets"), ("POST", "/workers/w/release")]
+             ("GET", "/datasets"), ("POST", "/workers/w/release"), ("GET", "/openapi.json"),
+             ("GET", "/docs")]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
                     {"Authorization": f"Basic {TOKEN}"}):
         for method, path in paths:
@@ -299,14 +311,27 @@ def test_auth_is_required_everywhere_but_health(api):
     ok = httpx.get(api.url + "/jobs", headers={"Authorization": "Bearer another-token"})
     assert ok.status_code == 200
     assert httpx.get(api.url + "/healthz").status_code == 200
-    assert httpx.get(api.url + "/openapi.json").status_code == 200
+    assert api.http.get("/openapi.json").json()["paths"]["/jobs"]
+    assert "swagger" in api.http.get("/docs").text.lower()
+
+
+def test_docs_open_only_when_the_setting_says_so(api):
+    from fastapi.testclient import TestClient
+
+    from app.api import create_app
+
+    opened = api.settings.model_copy(update={"api_docs_public": True})
+    with TestClient(create_app(opened)) as c:
+        assert c.get("/openapi.json").json()["paths"]["/jobs"]
+        assert c.get("/docs").status_code == 200
+        assert c.get("/jobs").status_code == 401  # the routes themselves stay closed
 
 
 def test_no_secret_in_any_answer_or_log_line(api, caplog):
     import httpx
 
     caplog.set_level(logging.DEBUG)
-    answers = [httpx.get(api.url + "/openapi.json").text,
+    answers = [api.http.get("/openapi.json").text,
                httpx.get(api.url + "/jobs", headers={"Authorization": f"Bearer {TOKEN}x"}).text,
                api.http.get("/readyz").text, api.http.get("/metrics").text,
                api.http.post("/jobs", json={**OK, "params": {"seed": S3_SECRET}}).text]

@@ -284,6 +284,12 @@ def test_api_command_serves_with_the_real_dispatch(pg_url, redis_url, tmp_path):
         kinds = [e["kind"] for e in http.get(f"/jobs/{job.json()['id']}/events").json()["events"]]
         assert "enqueued" in kinds and "waiting" in kinds  # no live worker serves it yet
         assert redis.Redis.from_url(redis_url).llen("chatspace.tiny_qwen3.float32") == 1
+        job_id = job.json()["id"]
+        assert http.post(f"/jobs/{job_id}/cancel").json()["state"] == "cancelled"
+        assert http.post(f"/jobs/{job_id}/retry").json()["state"] == "queued"
+        sent = [e["data"]["reason"] for e in http.get(f"/jobs/{job_id}/events").json()["events"]
+                if e["kind"] == "enqueued"]
+        assert sent == ["submitted", "retry"], sent  # a retry is recorded as a retry
         r = http.post("/workers/nobody/release")
         assert r.status_code == 404  # control is wired (not 503), the worker is unknown
     finally:

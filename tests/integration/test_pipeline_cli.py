@@ -75,3 +75,38 @@ def test_submit_wait_on_the_embedded_default(tmp_path, monkeypatch):
         assert store.verify(e["key"], e["sha256"]) and e["key"].endswith(".safetensors")
         assert e["shapes"]["activations"][0] == e["n_samples"] == 4
     assert all(_wait_gone(pid) for pid in pids)  # the local worker exits once idle
+
+
+@pytest.mark.timeout(600)
+def test_submit_wait_for_a_model_no_worker_can_load(tmp_path):
+    """``submit --model X --wait`` for a model that cannot be loaded here (hub offline): the
+    local worker it starts fails to load, the wait shows the error and ends with exit 3 and
+    the reason (it used to hang with the error only in the worker's log); a second
+    ``submit --wait`` right after starts a new local worker and runs its job. The workers
+    use the transformers backend: the mechanics are the same and it starts in seconds."""
+    data = tmp_path / "data"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "CHATSPACE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1",
+           "CHATSPACE_LOAD_RETRY_S": "1", "CHATSPACE_ENGINE_BACKEND": "hf",
+           **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {})}
+    exe = str(Path(sys.executable).with_name("chatspace-jobs"))
+    t0 = time.monotonic()
+    bad = subprocess.run([exe, "submit", "traits_sample", "--model", "org/no-such-model",
+                          "--max-samples", "1", "--wait"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240, check=False)
+    took = time.monotonic() - t0
+    log = data / "logs" / "local-worker.log"
+    detail = (bad.stdout[-2000:], bad.stderr[-3000:],
+              log.read_text()[-3000:] if log.exists() else "no worker log")
+    assert bad.returncode == 3, detail
+    assert "starting a local one" in bad.stderr, detail
+    assert "failed (error): 3 failed model loads" in bad.stderr, detail
+    assert "could not load org/no-such-model (float32)" in bad.stderr, detail
+    assert took < 200, took
+
+    ok = subprocess.run([exe, "submit", "traits_sample", "--max-samples", "1",
+                         "--max-tokens", "4", "--wait"], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=240, check=False)
+    detail = (ok.stdout[-2000:], ok.stderr[-3000:], log.read_text()[-3000:])
+    assert ok.returncode == 0, detail
+    assert "starting a local one" in ok.stderr, detail

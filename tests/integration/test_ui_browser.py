@@ -190,6 +190,9 @@ def test_progress_and_errors_appear_live_without_a_reload(page, server, finished
 
 
 def test_api_docs_are_served_without_a_cdn(page, server):
+    """Behind the API's token like every route: the page's login cookie opens them."""
+    assert page.goto(f"{server}/docs").status == 401
+    _login(page, server)
     page.goto(f"{server}/docs")
     page.wait_for_selector(".opblock")
     text = page.inner_text("body")

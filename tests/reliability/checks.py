@@ -35,6 +35,9 @@ class Figures:
     recovery_s: float | None = None
     p99_ms: float | None = None
     notes: list[str] = field(default_factory=list)
+    # figures a scenario measures beyond the common columns, {name: value}: the report's
+    # second table (seconds until every idle worker claimed, max broker queue length, ...)
+    measures: dict = field(default_factory=dict)
 
     def record(self) -> None:
         """Append this row to the report file named by CHATSPACE_TEST_RELIABILITY_REPORT."""
@@ -159,7 +162,8 @@ def _check_persona(store, kind, item, objects, art_rows, art_sha, entry) -> int:
 
 
 class StatusPoller:
-    """Hits the status API in a loop while a scenario runs: latencies and failures.
+    """Hits the status API in a loop while a scenario runs: latencies, failures, and every
+    answer's status code (``codes``: a database outage must read 503, never 500).
 
     The API must keep answering during every fault; its p99 goes in the table."""
 
@@ -167,6 +171,7 @@ class StatusPoller:
         self.http, self.job_ids, self.period = http, job_ids, period_s
         self.latencies: list[float] = []
         self.errors: list[str] = []
+        self.codes: Counter = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -188,8 +193,10 @@ class StatusPoller:
             try:
                 r = self.http.get(path)
                 ok = r.status_code == 200
+                self.codes[r.status_code] += 1
             except httpx.HTTPError as exc:
                 ok, r = False, exc
+                self.codes[type(exc).__name__] += 1
             dt = time.perf_counter() - t0
             if ok:
                 self.latencies.append(dt)

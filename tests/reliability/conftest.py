@@ -77,15 +77,17 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"the API did not answer: {self.log_tail()}")
 
-    def start_worker(self, name: str, **env) -> subprocess.Popen:
-        """A real ``celery worker`` process (own session), extra CHATSPACE_* env applied."""
+    def start_worker(self, name: str, *, model: str | None = MODEL, **env) -> subprocess.Popen:
+        """A real ``celery worker`` process (own session), extra CHATSPACE_* env applied;
+        ``model=None`` starts an any-model worker."""
         from workers.cli import spawn_worker
 
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update({k: str(v) for k, v in env.items()})
         try:
             with open(self.logs / f"{name}.log", "ab") as out:  # the child keeps its own copy
-                proc = spawn_worker(name=name, model=MODEL, dtype=DTYPE, stdout=out,
+                proc = spawn_worker(name=name, model=model, dtype=DTYPE if model else None,
+                                    stdout=out,
                                     stderr=subprocess.STDOUT)
         finally:
             for k, v in saved.items():
@@ -128,8 +130,8 @@ class Stack:
 
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, dataset: str = "traits_sample", kind: str = KIND,
-               client: httpx.Client | None = None, **params) -> str:
-        body = {"kind": kind, "dataset": dataset, "model": MODEL, "dtype": DTYPE,
+               client: httpx.Client | None = None, model: str = MODEL, **params) -> str:
+        body = {"kind": kind, "dataset": dataset, "model": model, "dtype": DTYPE,
                 "params": {"max_samples": 2, "max_tokens": 4, "batch_size": 2,
                            "temperature": 0.0, "seed": 0, **params}}
         r = (client or self.http).post("/jobs", json=body)
@@ -160,7 +162,8 @@ def _make_bucket(endpoint: str) -> str:
 
 
 def datasets_root(root: Path) -> Path:
-    """The shipped samples plus ``one_persona`` (1 persona, 1 question): the burst's job."""
+    """The shipped samples plus ``one_persona`` (1 persona, 1 question): the burst's job, and
+    ``six_personas`` (6 personas, 2 questions): enough items to spread over several workers."""
     import shutil
 
     from app.datasets import SAMPLES_DIR
@@ -172,6 +175,14 @@ def datasets_root(root: Path) -> Path:
         {"instruction": [{"pos": "Answer in one word.", "neg": "Answer at length."}]}))
     (one / "questions.jsonl").write_text(json.dumps({"question": "Why is the sky blue?",
                                                      "id": 0}) + "\n")
+    six = root / "six_personas"
+    (six / "instructions").mkdir(parents=True)
+    for name in ("brisk", "calm", "dry", "eager", "formal", "gentle"):
+        (six / "instructions" / f"{name}.json").write_text(json.dumps(
+            {"instruction": [{"pos": f"Answer in a {name} way.", "neg": "Answer plainly."}]}))
+    (six / "questions.jsonl").write_text("".join(json.dumps({"question": q, "id": i}) + "\n"
+                                                 for i, q in enumerate(("Why is the sky blue?",
+                                                                        "What is rain?"))))
     return root
 
 
@@ -213,6 +224,6 @@ def stack(private_pg, s3_endpoint, tmp_path, monkeypatch):
         yield s
     finally:
         s.close()
-        proxy.down()
+        proxy.close()
         redis.stop()
         dispose_all()

@@ -7,10 +7,11 @@ not take down a neighbour's. Each server here runs on a free port in a temp fold
   the ``postgres`` user (PostgreSQL refuses to run as root), trust auth, fsync off.
 - :class:`PrivateRedis`: ``redis-server --save '' --appendonly no``: a restart loses every
   message, which is the point of the Redis scenario.
-- :class:`SwitchableProxy`: a TCP proxy in front of the S3 server. ``down()`` closes the
-  listening socket and every open connection, so the store endpoint refuses connections
-  exactly like a stopped server — while moto, behind it, keeps its objects (restarting moto
-  would lose them: it keeps state in memory).
+- :class:`SwitchableProxy`: a TCP proxy in front of the S3 server. ``down()`` stops listening
+  and closes every open connection, so the store endpoint refuses connections exactly like a
+  stopped server — while moto, behind it, keeps its objects (restarting moto would lose them:
+  it keeps state in memory). The proxy keeps its port bound while down, so ``up()`` never
+  races another process for it.
 """
 
 from __future__ import annotations
@@ -116,34 +117,63 @@ class PrivateRedis:
 
 
 class SwitchableProxy:
-    """Forward 127.0.0.1:<port> to ``target``; ``down()`` makes the port refuse connections."""
+    """Forward 127.0.0.1:<port> to ``target``; ``down()`` makes the port refuse connections.
+
+    One listening socket for the proxy's whole life. Closing it and binding again in ``up()``
+    lost the port under load to another process that took it meanwhile (``Address already in
+    use``). Instead ``down()`` calls ``shutdown()`` on the listener: on Linux that leaves the
+    listen state (new connections get a RST, i.e. "connection refused", and ``accept()``
+    returns EINVAL) while the socket keeps its explicitly bound port, and ``listen()`` on the
+    same socket starts accepting again.
+    """
 
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
-        self.port = free_port()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
+        self._up = False
+        self._generation = 0  # one accept thread per up(); older ones exit
+        self._listener = self._bind()
+        self.port = self._listener.getsockname()[1]
         self.up()
+
+    @staticmethod
+    def _bind() -> socket.socket:
+        # An explicit port (not port 0): only an explicitly bound socket keeps its port through
+        # shutdown(); a free port can still be taken between free_port() and bind(), so retry.
+        for _ in range(20):
+            sock = socket.socket()
+            # the proxy's own closed connections linger in TIME_WAIT on this port; without
+            # SO_REUSEADDR they block listen() in up(). Ports chosen by the kernel (bind to 0,
+            # connect) still avoid a port bound like this.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", free_port()))
+                return sock
+            except OSError:
+                sock.close()
+        raise RuntimeError("no free port for the S3 proxy")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def up(self) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(64)
-        self._listener = sock
-        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+        with self._lock:
+            if self._up:
+                return
+            self._listener.listen(64)
+            self._up = True
+            self._generation += 1
+            generation = self._generation
+        threading.Thread(target=self._accept, args=(generation,), daemon=True).start()
 
     def down(self) -> None:
         with self._lock:
-            listener, self._listener = self._listener, None
+            was_up, self._up = self._up, False
             conns, self._conns = self._conns, set()
-        if listener is not None:
-            listener.close()
+        if was_up:
+            self._listener.shutdown(socket.SHUT_RDWR)  # stop listening, keep the port
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -151,10 +181,14 @@ class SwitchableProxy:
                 pass
             c.close()
 
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
+    def close(self) -> None:
+        self.down()
+        self._listener.close()
+
+    def _accept(self, generation: int) -> None:
+        while generation == self._generation:
             try:
-                client, _ = listener.accept()
+                client, _ = self._listener.accept()
             except OSError:
                 return
             try:
@@ -164,10 +198,10 @@ class SwitchableProxy:
                 client.close()
                 continue
             with self._lock:
-                if self._listener is not listener:
+                if not self._up:  # went down while this connection was being set up
                     client.close()
                     upstream.close()
-                    return
+                    continue
                 self._conns.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
