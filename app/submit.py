@@ -388,8 +388,8 @@ def validate(session, request: JobSpec, *, settings) -> dict:
 
     if kind == "capture" and any(raw.get(k) is not None for k in stages.PIPELINE_PARAMS):
         kind = "pipeline"  # --judge / --responses / --stages: the research chain
-    elif kind != "pipeline" and any(raw.get(k) is not None for k in stages.PIPELINE_PARAMS):
-        name = next(k for k in stages.PIPELINE_PARAMS if raw.get(k) is not None)
+    elif kind != "pipeline" and any(raw.get(k) is not None for k in _not_taken(kind, raw)):
+        name = next(k for k in _not_taken(kind, raw) if raw.get(k) is not None)
         raise SpecInvalid(f"a {kind} job does not take {name}", field=f"params.{name}",
                           hint="judge, responses and stages belong to pipeline jobs")
     params = check_params(raw, kind=kind, info=info)
@@ -419,6 +419,7 @@ def validate(session, request: JobSpec, *, settings) -> dict:
         params["sweep"] = _check_sweep(session, raw["sweep"], kind=kind, params=params,
                                        model=model, info=info, dataset=dataset,
                                        personas=personas, settings=settings)
+        _check_sweep_judge(raw, params, dataset=dataset, personas=personas, settings=settings)
     columns = {"kind": kind, "dataset": dataset.name, "model": model, "dtype": dtype,
                "params": params, "personas": personas}
     if kind == "pipeline":
@@ -427,6 +428,29 @@ def validate(session, request: JobSpec, *, settings) -> dict:
                                                session=session)
         del columns["personas"]
     return columns
+
+
+def _not_taken(kind: str, raw: dict) -> tuple[str, ...]:
+    """The pipeline params a non-pipeline job refuses: all of them, except that a sweep
+    takes its judge (app/sweepscore.py)."""
+    from app import stages
+    from app.sweepscore import JUDGE_PARAMS
+
+    if kind == "rollout" and raw.get("sweep") is not None:
+        return tuple(k for k in stages.PIPELINE_PARAMS if k not in JUDGE_PARAMS)
+    return stages.PIPELINE_PARAMS
+
+
+def _check_sweep_judge(raw: dict, params: dict, **kw) -> None:
+    """A sweep's judge: ``--judge MODEL`` (the settings' model is the default only when a
+    judge option was given), its persona files' eval_prompts; nothing without one."""
+    from app.sweepscore import JUDGE_PARAMS, check_submit
+
+    if not any(raw.get(k) is not None for k in JUDGE_PARAMS):
+        return
+    if raw.get("judge") is None:
+        params["judge"] = kw["settings"].judge.model
+    check_submit(params, **kw)
 
 
 def _check_sweep(session, raw, *, kind: str, params: dict, **kw) -> dict:

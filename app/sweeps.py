@@ -39,8 +39,10 @@ MAX_SCALE = 1e6
 VECTOR_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 # Score columns the summary always carries; None with a reason when not computed.
 SCORE_COLUMNS = ("judge_mean", "refusal_rate", "minilm_mean")
-SCORES_UNAVAILABLE = ("not computed: sweeps do not yet send their responses to the judge or "
-                      "MiniLM stages (#11); the columns stay null rather than guessed")
+SCORES_UNAVAILABLE = ("not computed: the job named no judge (submit the sweep with --judge "
+                      "MODEL); the columns stay null rather than guessed")
+MINILM_UNAVAILABLE = ("not computed: sweeps do not score with the MiniLM classifier yet; the "
+                      "column stays null rather than guessed")
 SUMMARY_NAME = "sweep_summary.json"
 PLOT_NAME = "sweep.png"
 
@@ -298,23 +300,35 @@ def cap_thresholds(per_persona: dict[str, tuple], layer_index: int, axis,
 
 # ---- summary and plot -------------------------------------------------------------------
 
-def summarize_point(records: list[dict]) -> dict:
+def summarize_point(records: list[dict], scores: dict | None = None) -> dict:
     """One persona at one grid point: sample count, mean response length (tokens and
-    characters) and the score columns — None, with the reason kept in the summary's
-    ``scores`` block, when they were not computed."""
+    characters) and the score columns — from ``scores`` (:func:`app.sweepscore.columns`:
+    judge mean, refusal rate, the judge's counts) when they were computed, else None, with
+    the reason kept in the summary's ``scores`` block."""
     n = len(records)
     row = {"n": n,
            "mean_response_tokens": (sum(r["response_tokens"] for r in records) / n) if n else None,
            "mean_response_chars": (sum(len(r["response"]) for r in records) / n) if n else None}
     for col in SCORE_COLUMNS:
         row[col] = None
+    row.update(scores or {})
     return row
 
 
-def scores_status() -> dict:
-    """Why each score column is (or is not) filled: written into every summary."""
-    return {"judge": {"computed": False, "reason": SCORES_UNAVAILABLE},
-            "minilm": {"computed": False, "reason": SCORES_UNAVAILABLE}}
+def scores_status(judge: dict | None = None) -> dict:
+    """Why each score column is (or is not) filled: written into every summary. ``judge``:
+    :func:`app.sweepscore.judge_status` when the job's judge scored the points."""
+    return {"judge": judge or {"computed": False, "reason": SCORES_UNAVAILABLE},
+            "minilm": {"computed": False, "reason": MINILM_UNAVAILABLE}}
+
+
+def job_scores(persona_summaries: list[dict]) -> dict:
+    """The job's ``scores`` block: the personas' own (one judge per job, so they agree),
+    or the null-with-reason one when no persona has finished."""
+    for s in sorted(persona_summaries, key=lambda s: s["persona"]):
+        if s.get("scores"):
+            return s["scores"]
+    return scores_status()
 
 
 def summary_table(persona_summaries: list[dict]) -> list[dict]:
@@ -417,7 +431,7 @@ def finish_sweep(job_id: str, *, store) -> list[dict]:
         done = [(i.artifact_key, i.artifact_sha256) for i in items]
     summaries = [json.loads(store.get_bytes(k, expect_sha256=sha)) for k, sha in done]
     rows = summary_table(summaries)
-    table = {"job_id": job_id, "spec": spec, "scores": scores_status(),
+    table = {"job_id": job_id, "spec": spec, "scores": job_scores(summaries),
              "plotted": plot_metrics(rows), "rows": rows}
     summary_key, plot_key = summary_keys(prefix)
     png = render_plot(rows, title=f"sweep {job_id[:8]}: {_title(spec)}")

@@ -25,7 +25,7 @@ import logging
 
 from sqlalchemy import select
 
-from app import sweeps
+from app import sweeps, sweepscore
 from app.artifacts import read_persona_artifact
 from app.db import session_scope
 from app.errors import SpecInvalid
@@ -149,6 +149,10 @@ def run_item(ctx, samples, *, prefix: str, policy, template_kwargs: dict) -> dic
     ctx.on_progress(0, total)
     done = policy.run(work, one_batch, on_batch=lambda n, _: ctx.on_progress(n, total))
     extra, rows = [], []
+    # the job's judge (--judge), None without one: app/sweepscore.py
+    scorer = sweepscore.point_scorer(dataset_name=ctx.dataset, persona=ctx.persona,
+                                     params=ctx.params, settings=ctx.settings)
+    judged = []
     for pt in points:
         records = [{
             "persona": ctx.persona, "point": pt.id, "key": s.key, "label": s.label,
@@ -162,11 +166,22 @@ def run_item(ctx, samples, *, prefix: str, policy, template_kwargs: dict) -> dic
         obj = ctx.store.put_bytes(sweeps.point_key(prefix, ctx.persona, pt.id), body,
                                   content_type="application/x-ndjson", overwrite=True)
         extra.append({"key": obj.key, "sha256": obj.sha256, "size": obj.size})
+        scores = None
+        if scorer is not None:
+            scores, detail = scorer(records)
+            judged.append(ctx.store.put_bytes(
+                sweeps.point_key(prefix, ctx.persona, pt.id)[:-len(".jsonl")] + ".judge.json",
+                json.dumps(detail, indent=1).encode(), content_type="application/json",
+                overwrite=True))
+            extra.append({"key": judged[-1].key, "sha256": judged[-1].sha256,
+                          "size": judged[-1].size})
         op = resolved[pt.id][1]
         rows.append({**pt.as_dict(), **({"threshold": op["min"]} if op["op"] == "cap" else {}),
-                     **sweeps.summarize_point(records), "responses_key": obj.key})
+                     **sweeps.summarize_point(records, scores), "responses_key": obj.key})
+    status = (sweepscore.judge_status(ctx.params.judge, ctx.settings.judge.base_url)
+              if scorer is not None else None)
     summary = {"persona": ctx.persona, "job_id": str(ctx.job_id), "spec": spec,
-               "scores": sweeps.scores_status(), "points": rows}
+               "scores": sweeps.scores_status(status), "points": rows}
     key = sweeps.persona_summary_key(prefix, ctx.persona)
     stored = ctx.store.put_bytes(key, json.dumps(summary, indent=2, sort_keys=True).encode(),
                                  content_type="application/json", overwrite=True)

@@ -54,7 +54,7 @@ def sweep_table(session, store, job_id: str) -> dict:
         summaries = [json.loads(store.get_bytes(i.artifact_key, expect_sha256=i.artifact_sha256))
                      for i in items if i.artifact_key]
         rows = sweeps.summary_table(summaries)
-        table = {"job_id": job_id, "spec": spec, "scores": sweeps.scores_status(),
+        table = {"job_id": job_id, "spec": spec, "scores": sweeps.job_scores(summaries),
                  "plotted": sweeps.plot_metrics(rows) if rows else [], "rows": rows}
         complete = False
     summary_key, plot_key = sweeps.summary_keys(job.artifact_prefix or "")

@@ -113,3 +113,28 @@ def test_a_good_sweep_reports_its_grid_size(api):
     assert api.http.get(f"/jobs/{plain}/sweep").status_code == 409
     assert api.http.get(f"/jobs/{r.json()['id']}/sweep").json()["rows"] == []
     assert api.http.get(f"/jobs/{r.json()['id']}/sweep.png").status_code == 404
+
+
+def test_a_sweep_takes_a_judge_and_refuses_what_the_judge_cannot_use(api):
+    """--judge on a sweep is stored for the worker (app/sweepscore.py); a rollout without a
+    sweep still refuses it, a sweep still refuses stages/responses, and an empty judge
+    model is named; nothing is enqueued for the bad ones."""
+    good = capture_job(api)
+    add = {"source": good, "vector": "pos_neg", "layers": [2], "scales": [-4, 0, 4]}
+    before = job_count(api)
+    for request, field in [
+        ({**BASE, "params": {**BASE["params"], "judge": "j"}}, "params.judge"),
+        ({**body(**add), "params": {**body(**add)["params"], "stages": ["judge"]}},
+         "params.stages"),
+        ({**body(**add), "params": {**body(**add)["params"], "judge": " "}}, "params.judge"),
+    ]:
+        r = api.http.post("/jobs", json=request)
+        assert 400 <= r.status_code < 500, (field, r.text)
+        assert r.json()["field"] == field, (field, r.json())
+    assert api.enqueued.ids == [] and job_count(api) == before
+    r = api.http.post("/jobs", json={**body(**add), "params": {
+        **body(**add)["params"], "judge": "judge-m", "judge_reply_retries": 1}})
+    assert r.status_code == 201, r.text
+    assert r.json()["kind"] == "rollout"
+    assert r.json()["params"]["judge"] == "judge-m"
+    assert r.json()["params"]["judge_reply_retries"] == 1
