@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.integration import worker_helpers as h
+from tests.scripted_openai import Action, ScriptedServer, answer_of
 from tests.integration.test_worker_e2e import services  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -32,14 +33,27 @@ def _submit(kind: str, params: dict) -> str:
     return job_id
 
 
-def test_cap_sweep_floors_the_axis_projection_at_the_percentiles(services, monkeypatch):  # noqa: F811
+def _judge_reply(answer: str) -> int:
+    return len(answer) % 5  # 0..2 score, 3 too (roles 0..3), 4 off the scale: unparseable
+
+
+def test_cap_sweep_floors_the_axis_projection_at_the_percentiles(services, monkeypatch,
+                                                                 request):  # noqa: F811
     from app.artifacts import read_persona_artifact
     from app.settings import get_settings
     from app.storage import get_store
+    from app import sweeps
     from app.sweeps import axis_from_means, cap_thresholds
 
     procs, logs = services
     monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")
+    # the judge: a scripted OpenAI-compatible server on 127.0.0.1 (tests/scripted_openai.py)
+    # scoring each answer by its length on the roles scale, 3 (off the 0..3 scale) unparseable
+    srv = ScriptedServer(lambda req, n: Action(
+        text=str(_judge_reply(answer_of(req["messages"][0]["content"])))))
+    srv.__enter__()
+    request.addfinalizer(lambda: srv.__exit__(None, None, None))
+    monkeypatch.setenv("CHATSPACE_JUDGE_BASE_URL", srv.base_url)
     common = {"max_samples": 4, "max_tokens": 6, "temperature": 0.0, "seed": 0}
     capture_id = _submit("capture", {**common, "layers": [1, 2]})
     procs.append(h.start_worker("sweep-cap", logs))
@@ -75,3 +89,34 @@ def test_cap_sweep_floors_the_axis_projection_at_the_percentiles(services, monke
         assert all(p["judge_mean"] is None for p in points)
     manifest = store.read_manifest(row["items"][0]["key"].rsplit("/sweep/", 1)[0])
     assert {"sweep_summary", "sweep_plot"} <= {e["kind"] for e in manifest["artifacts"]}
+
+    # the same grid with --judge: every point judged by the worker through the scripted server
+    judged_id = _submit("rollout", {**common, "judge": "judge-m", "judge_reply_retries": 1,
+                                    "sweep": {"cap_axis": capture_id, "layers": [2],
+                                              "cap_percentiles": [1, 5, 25]}})
+    row = h.wait_for(judged_id, log_dir=logs, worker=procs[-1])
+    assert row["state"] == "succeeded", row
+    sent = 0
+    for item in row["items"]:
+        summary = json.loads(store.get_bytes(item["key"], expect_sha256=item["sha256"]))
+        assert summary["scores"]["judge"]["computed"] is True
+        assert summary["scores"]["judge"]["model"] == "judge-m"
+        for p in summary["points"]:
+            replies = [_judge_reply(json.loads(x)["response"]) for x in
+                       store.get_bytes(p["responses_key"]).decode().splitlines()]
+            scored = [v for v in replies if v <= 3]
+            assert p["judge_mean"] == (pytest.approx(sum(scored) / len(scored)) if scored
+                                       else None)
+            assert p["refusal_rate"] == (pytest.approx(scored.count(0) / len(scored))
+                                         if scored else None)
+            j = p["judge"]
+            assert j["unparseable"] == len(replies) - len(scored)  # counted, not dropped
+            assert j["judged"] + j["unparseable"] == p["n"] == 4
+            assert j["requests"] == len(scored) + 2 * j["unparseable"]  # 1 reply retry
+            assert j["tokens"]["total"] == 13 * j["requests"]
+            sent += j["requests"]
+    assert sent == len(srv.received)
+    table = json.loads(store.get_bytes(sweeps.summary_keys(
+        row["items"][0]["key"].rsplit("/sweep/", 1)[0])[0]))
+    assert table["scores"]["judge"]["computed"] and table["plotted"][0] == "judge_mean"
+    print("sample row:", json.dumps(table["rows"][0], sort_keys=True))
