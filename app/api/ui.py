@@ -1,5 +1,6 @@
 """The web page: jobs with live per-persona progress, events and errors, workers with their
-GPUs and memory, an artifact browser with download links, and a capture job's analysis plots.
+GPUs and memory, an artifact browser with download links, a capture job's analysis plots, and
+a sweep job's score-versus-scale curve with its summary table.
 
 Server-rendered (jinja2) from the same rows the JSON API reads; one small script refreshes
 a running job's progress. Every asset is served from this package (no CDN), and so is
@@ -29,6 +30,13 @@ HERE = Path(__file__).parent
 COOKIE = "chatspace_token"
 TERMINAL = ("succeeded", "failed", "cancelled")
 ERROR_EVENTS = ("oom_retry", "oom_failed", "lost", "error", "engine_error", "start_failed")
+# the sweep table's columns on the job page (a column shows when any row has it)
+SWEEP_COLUMNS = (("persona", "persona"), ("point", "point"), ("layer", "layer"),
+                 ("scale", "scale"), ("percentile", "cap percentile"), ("threshold", "floor"),
+                 ("n", "samples"), ("judge_mean", "mean judge score"),
+                 ("refusal_rate", "refusal rate"), ("unparseable", "unparseable"),
+                 ("minilm_mean", "MiniLM"), ("mean_response_tokens", "mean tokens"),
+                 ("mean_response_chars", "mean chars"))
 PLOT_ORDER = ("norms", "explained_variance", "pca", "cosine", "axis")
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -182,9 +190,30 @@ def job_page(request: Request, job_id: str):
             for name in (entry.get("shapes") or {}):
                 if name.startswith("vectors.") and name[8:] not in vector_names:
                     vector_names.append(name[8:])
+    sweep = None
+    if (job.params or {}).get("sweep"):  # the score-versus-scale curve and its table
+        from app.api.sweeps import sweep_table
+
+        with _session(request) as s:
+            sweep = sweep_table(s, store, job_id)
+        sweep["columns"] = [(c, h) for c, h in SWEEP_COLUMNS if any(
+            c in r or (c == "unparseable" and r.get("judge")) for r in sweep["rows"])]
+        sweep["reasons"] = sorted({v["reason"] for v in sweep["scores"].values()
+                                   if not v.get("computed")})
     return _page(request, "job.html", **ctx, manifest=manifest, analyses=analyses,
-                 vector_names=sorted(vector_names),
+                 vector_names=sorted(vector_names), sweep=sweep,
                  can_analyze=job.kind == "capture" and job.state == "succeeded")
+
+
+@router.get("/jobs/{job_id}/sweep.png")
+def job_sweep_png(request: Request, job_id: str):
+    """The sweep's plot for the page's <img>: GET /jobs/{id}/sweep.png (app/api/sweeps.py)
+    behind the page's login, since an image link cannot send the bearer header."""
+    from app.api.sweeps import sweep_png
+
+    require_login(request)
+    with _session(request) as s:
+        return sweep_png(job_id, s, _store(request))
 
 
 @router.get("/jobs/{job_id}/live", response_class=HTMLResponse)

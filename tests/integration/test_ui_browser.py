@@ -189,6 +189,68 @@ def test_progress_and_errors_appear_live_without_a_reload(page, server, finished
     _only_local(page, server)
 
 
+def test_a_sweep_job_shows_its_score_curve_and_table(page, server, finished_job,
+                                                    monkeypatch, tmp_path):
+    """A real sweep (a Celery worker steering with the finished capture job's pos_neg
+    vector at three scales, judged by a scripted OpenAI-compatible server on 127.0.0.1):
+    its page shows the score-versus-scale plot (GET /ui/jobs/{id}/sweep.png, the API's
+    /jobs/{id}/sweep.png behind the page login) and the summary table with judge scores."""
+    from app.api.schemas import JobSubmit
+    from app.db import dispose_all, session_scope
+    from app.settings import get_settings
+    from app.submit import submit_job
+    from tests.integration import worker_helpers as h
+    from tests.scripted_openai import Action, ScriptedServer, answer_of
+    from workers.dispatch import enqueue_job
+
+    finished_job.apply(monkeypatch)
+    with ScriptedServer(lambda req, n: Action(text=str(
+            len(answer_of(req["messages"][0]["content"])) * 7 % 101))) as judge:
+        monkeypatch.setenv("CHATSPACE_JUDGE_BASE_URL", judge.base_url)
+        get_settings.cache_clear()
+        with session_scope() as s:
+            job = submit_job(s, request=JobSubmit(
+                kind="rollout", dataset=h.DATASET, model=h.MODEL, dtype=h.DTYPE,
+                params={"max_samples": 2, "max_tokens": 6, "temperature": 0.0, "seed": 0,
+                        "judge": "judge-m", "sweep": {"source": finished_job.job_id,
+                                                      "vector": "pos_neg", "layers": [2],
+                                                      "scales": [-4, 0, 4]}}),
+                settings=get_settings(), enqueue=lambda _id: None)
+            job_id = str(job.id)
+        enqueue_job(job_id)
+        worker = h.start_worker("ui-sweep-w", tmp_path / "logs")
+        try:
+            row = h.wait_for(job_id, log_dir=tmp_path / "logs", worker=worker, timeout=240)
+        finally:
+            h.stop(worker)
+        assert row["state"] == "succeeded", row
+        assert len(judge.received) >= 3 * 3 * 2  # personas x scales x samples
+    dispose_all()
+
+    _login(page, server)
+    page.goto(f"{server}/ui/jobs/{job_id}")
+    assert page.locator("#sweep").count() == 1
+    assert "judged by judge-m" in page.inner_text("body")
+    plot = page.locator("#sweep-plot")
+    page.wait_for_function("document.getElementById('sweep-plot').complete")
+    assert plot.evaluate("i => i.naturalWidth") > 600  # the PNG decoded, two panels wide
+    assert plot.get_attribute("alt").startswith("sweep: judge_mean")  # judge score plotted
+    heads = page.locator("#sweep-table thead th").all_inner_texts()
+    assert heads[:4] == ["persona", "point", "layer", "scale"]
+    assert {"mean judge score", "refusal rate", "unparseable"} <= set(heads)
+    rows = page.locator("#sweep-table tbody tr")
+    assert rows.count() == 9  # 3 personas x 3 scales
+    judge_col = heads.index("mean judge score")
+    for i in range(rows.count()):
+        cells = rows.nth(i).locator("td").all_inner_texts()
+        assert cells[0] in ("curious", "optimistic", "sycophantic")
+        assert 0 <= float(cells[judge_col]) <= 100  # a number, not null
+    assert "null scores: not computed: sweeps do not score with the MiniLM" in \
+        page.inner_text("body")  # the null column keeps its reason
+    page.screenshot(path=str(SHOTS / "sweep.png"), full_page=True)
+    _only_local(page, server)
+
+
 def test_api_docs_are_served_without_a_cdn(page, server):
     """Behind the API's token like every route: the page's login cookie opens them."""
     assert page.goto(f"{server}/docs").status == 401
