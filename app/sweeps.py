@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from app.errors import SpecInvalid
 
 SWEEP_KEYS = {"source", "vector", "persona", "layers", "scales", "normalize", "cap_axis",
-              "cap_percentiles"}
+              "cap_percentiles", "minilm_from"}
 MAX_POINTS = 256
 MAX_SCALE = 1e6
 VECTOR_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -41,8 +41,9 @@ VECTOR_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 SCORE_COLUMNS = ("judge_mean", "refusal_rate", "minilm_mean")
 SCORES_UNAVAILABLE = ("not computed: the job named no judge (submit the sweep with --judge "
                       "MODEL); the columns stay null rather than guessed")
-MINILM_UNAVAILABLE = ("not computed: sweeps do not score with the MiniLM classifier yet; the "
-                      "column stays null rather than guessed")
+MINILM_UNAVAILABLE = ("not computed: the sweep named no MiniLM classifier (params.sweep."
+                      "minilm_from: a pipeline job that ran the minilm stage); the column "
+                      "stays null rather than guessed")
 SUMMARY_NAME = "sweep_summary.json"
 PLOT_NAME = "sweep.png"
 
@@ -239,6 +240,11 @@ def check_sweep(session, raw, *, model: str, info, dataset, personas: list[str],
         if not arts:
             raise SpecInvalid(f"job {src.id} stored no activations", field="params.sweep.cap_axis")
         out["cap_axis"] = str(src.id)
+    if raw.get("minilm_from") is not None:  # score every point with that job's classifier
+        from app.sweepscore import check_minilm_from
+
+        out["minilm_from"] = check_minilm_from(session, raw["minilm_from"],
+                                               dataset=dataset.name)
     points = len(grid(out))
     if points > MAX_POINTS:
         raise SpecInvalid(f"{points} grid points is too many", field="params.sweep.layers",
@@ -315,11 +321,11 @@ def summarize_point(records: list[dict], scores: dict | None = None) -> dict:
     return row
 
 
-def scores_status(judge: dict | None = None) -> dict:
-    """Why each score column is (or is not) filled: written into every summary. ``judge``:
-    :func:`app.sweepscore.judge_status` when the job's judge scored the points."""
+def scores_status(judge: dict | None = None, minilm: dict | None = None) -> dict:
+    """Why each score column is (or is not) filled: written into every summary. ``judge``,
+    ``minilm``: :func:`app.sweepscore.judge_status` / ``minilm_status`` when they scored."""
     return {"judge": judge or {"computed": False, "reason": SCORES_UNAVAILABLE},
-            "minilm": {"computed": False, "reason": MINILM_UNAVAILABLE}}
+            "minilm": minilm or {"computed": False, "reason": MINILM_UNAVAILABLE}}
 
 
 def job_scores(persona_summaries: list[dict]) -> dict:

@@ -108,3 +108,81 @@ def judge_status(model: str | None, base_url: str | None) -> dict:
             "refusal": "traits: the REFUSAL score; roles: score 0",
             "mean_of": "numeric scores only; unparseable and other outcomes counted in "
                        "each row's judge.counts"}
+
+
+# ---- MiniLM: the classifier an earlier pipeline job trained (its minilm stage) ----------
+
+def check_minilm_from(session, job_id, *, dataset: str) -> str:
+    """``params.sweep.minilm_from``: a succeeded pipeline job over the same dataset whose
+    minilm stage stored a classifier (``minilm.json``). The classifier is per dataset: it
+    tells this dataset's prompted answers from its unprompted ones."""
+    from sqlalchemy import select
+
+    from app.models import Job, JobItem
+
+    field = "params.sweep.minilm_from"
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
+        raise SpecInvalid("missing or not a job id", field=field,
+                          hint="the id of a succeeded pipeline job that ran the minilm stage")
+    try:
+        job = session.get(Job, job_id)
+    except Exception:  # noqa: BLE001 - a malformed id is just "no such job"
+        session.rollback()
+        job = None
+    if job is None:
+        raise SpecInvalid(f"no job {job_id!r}", field=field,
+                          hint="`chatspace-jobs list --kind pipeline --state succeeded`")
+    item = session.execute(select(JobItem).where(JobItem.job_id == job_id,
+                                                 JobItem.stage == "minilm")).scalars().first()
+    if item is None or item.state != "succeeded" or not item.artifact_key:
+        raise SpecInvalid(f"job {job_id} stored no MiniLM classifier", field=field,
+                          hint="a pipeline job submitted with --stages ...,minilm, succeeded")
+    if job.dataset != dataset:
+        raise SpecInvalid(f"job {job_id} trained its classifier on {job.dataset}, not "
+                          f"{dataset}", field=field, hint="use a job over the same dataset")
+    return str(job.id)
+
+
+def minilm_classifier(session, store, job_id: str) -> tuple[dict, str]:
+    """(the classifier dict of ``job_id``'s minilm.json, its key), checked by sha256."""
+    import json
+
+    from sqlalchemy import select
+
+    from app.models import JobItem
+
+    item = session.execute(select(JobItem).where(JobItem.job_id == job_id,
+                                                 JobItem.stage == "minilm")).scalars().first()
+    if item is None or not item.artifact_key:
+        raise SpecInvalid(f"job {job_id} stored no MiniLM classifier",
+                          field="params.sweep.minilm_from")
+    data = json.loads(store.get_bytes(item.artifact_key, expect_sha256=item.artifact_sha256))
+    return data["classifier"], item.artifact_key
+
+
+def minilm_scorer(classifier: dict, *, encoder=None) -> Callable[[list[dict]], dict]:
+    """records -> ``{"minilm_mean": mean P(prompted)}`` under the stored classifier
+    (:meth:`app.minilm.Classifier.score` on the packaged all-MiniLM-L6-v2 embeddings).
+    The encoder loads once, on the first point."""
+    from app.minilm import Classifier, embed, load_encoder
+
+    clf = Classifier.from_dict(classifier)
+    held: dict = {"encoder": encoder}
+
+    def score(records: list[dict]) -> dict:
+        if not records:
+            return {"minilm_mean": None}
+        if held["encoder"] is None:
+            held["encoder"] = load_encoder()
+        probs = clf.score(embed([r["response"] for r in records], encoder=held["encoder"]))
+        return {"minilm_mean": float(probs.mean())}
+
+    return score
+
+
+def minilm_status(job_id: str, key: str, classifier: dict) -> dict:
+    """The summary's ``scores.minilm`` block when the classifier scored the points."""
+    return {"computed": True, "from_job": job_id, "classifier_key": key,
+            "embedding_model": classifier.get("embedding_model"),
+            "cv_auc": classifier.get("cv_auc"), "columns": ["minilm_mean"],
+            "mean_of": "P(prompted) per response under the stored classifier"}

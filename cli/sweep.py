@@ -39,13 +39,17 @@ def sweep_options(fn):
                          help="sweep: the capture job whose assistant axis caps"),
             click.option("--cap-percentiles", default=None,
                          help="sweep: cap floors as percentiles of its projections, e.g. 1,5,25"),
+            click.option("--minilm-from", default=None,
+                         help="sweep: score each point with the MiniLM classifier of this "
+                              "pipeline job (its minilm stage); --judge MODEL scores with "
+                              "the judge"),
     ]):
         fn = opt(fn)
     return fn
 
 
 def sweep_params(*, steer_from, vector, scales, normalize, cap_axis, cap_percentiles,
-                 layers) -> dict | None:
+                 layers, minilm_from=None) -> dict | None:
     """``params.sweep`` from the submit flags, or None when none of them was given. Values
     are passed through as typed: every rule lives in :mod:`app.sweeps` (API and CLI alike)."""
     if not any(v is not None for v in (steer_from, vector, scales, cap_axis, cap_percentiles)) \
@@ -54,7 +58,7 @@ def sweep_params(*, steer_from, vector, scales, normalize, cap_axis, cap_percent
     raw = {"source": steer_from, "vector": vector, "scales": _floats(scales, "--scales"),
            "normalize": True if normalize else None, "cap_axis": cap_axis,
            "cap_percentiles": _floats(cap_percentiles, "--cap-percentiles"),
-           "layers": layers}
+           "layers": layers, "minilm_from": minilm_from}
     return {k: v for k, v in raw.items() if v is not None}
 
 

@@ -153,6 +153,12 @@ def run_item(ctx, samples, *, prefix: str, policy, template_kwargs: dict) -> dic
     scorer = sweepscore.point_scorer(dataset_name=ctx.dataset, persona=ctx.persona,
                                      params=ctx.params, settings=ctx.settings)
     judged = []
+    minilm, minilm_info = None, None
+    if spec.get("minilm_from"):  # the classifier an earlier pipeline job trained
+        with session_scope() as s:
+            clf, clf_key = sweepscore.minilm_classifier(s, ctx.store, spec["minilm_from"])
+        minilm = sweepscore.minilm_scorer(clf)
+        minilm_info = sweepscore.minilm_status(spec["minilm_from"], clf_key, clf)
     for pt in points:
         records = [{
             "persona": ctx.persona, "point": pt.id, "key": s.key, "label": s.label,
@@ -175,13 +181,15 @@ def run_item(ctx, samples, *, prefix: str, policy, template_kwargs: dict) -> dic
                 overwrite=True))
             extra.append({"key": judged[-1].key, "sha256": judged[-1].sha256,
                           "size": judged[-1].size})
+        if minilm is not None:
+            scores = {**(scores or {}), **minilm(records)}
         op = resolved[pt.id][1]
         rows.append({**pt.as_dict(), **({"threshold": op["min"]} if op["op"] == "cap" else {}),
                      **sweeps.summarize_point(records, scores), "responses_key": obj.key})
     status = (sweepscore.judge_status(ctx.params.judge, ctx.settings.judge.base_url)
               if scorer is not None else None)
     summary = {"persona": ctx.persona, "job_id": str(ctx.job_id), "spec": spec,
-               "scores": sweeps.scores_status(status), "points": rows}
+               "scores": sweeps.scores_status(status, minilm_info), "points": rows}
     key = sweeps.persona_summary_key(prefix, ctx.persona)
     stored = ctx.store.put_bytes(key, json.dumps(summary, indent=2, sort_keys=True).encode(),
                                  content_type="application/json", overwrite=True)

@@ -79,3 +79,39 @@ def test_no_judge_no_scorer_and_the_reason_stays():
                                    params=NoJudge, settings=None) is None
     status = sweeps.scores_status()
     assert not status["judge"]["computed"] and "--judge" in status["judge"]["reason"]
+
+
+@pytest.mark.slow
+def test_minilm_scores_points_with_a_stored_classifier():
+    """The real packaged all-MiniLM-L6-v2 (offline): a classifier trained as the pipeline's
+    minilm stage trains it (app.minilm.score_dataset), read back from its JSON, scores a
+    point of prompted-sounding answers above a point of plain ones; the column is the mean
+    of Classifier.score over the point's responses."""
+    import numpy as np
+
+    from app.minilm import Rollout, embed, load_encoder, score_dataset
+
+    enc = load_encoder()
+    topics = ["the weather", "bread", "a good book", "the tides", "music", "a garden",
+              "the stars", "a bicycle", "coffee", "the ocean"]
+    pirate = [f"Arr matey, {t} be a fine treasure, says this old sea dog! Yo ho!"
+              for t in topics]
+    plain = [f"{t.capitalize()} is a common topic. Here is a short, neutral summary."
+             for t in topics]
+    trained = score_dataset([Rollout("pirate", f"pos_p0_q{i}", "pos", t)
+                             for i, t in enumerate(pirate[:8])]
+                            + [Rollout("pirate", f"default_p0_q{i}", "default", t)
+                               for i, t in enumerate(plain[:8])], encoder=enc)
+    clf = json.loads(json.dumps(trained["classifier"]))  # as stored in minilm.json
+    score = sweepscore.minilm_scorer(clf, encoder=enc)
+    steered = score(_records(pirate[8:]))["minilm_mean"]
+    unsteered = score(_records(plain[8:]))["minilm_mean"]
+    assert steered > 0.5 > unsteered
+    from app.minilm import Classifier
+
+    want = float(Classifier.from_dict(clf).score(embed(pirate[8:], encoder=enc)).mean())
+    assert steered == pytest.approx(want)
+    assert score([]) == {"minilm_mean": None}
+    row = sweeps.summarize_point(_records(pirate[8:]), {"minilm_mean": steered})
+    assert row["minilm_mean"] == steered and row["judge_mean"] is None
+    assert np.isfinite(row["minilm_mean"])

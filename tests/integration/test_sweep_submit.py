@@ -138,3 +138,38 @@ def test_a_sweep_takes_a_judge_and_refuses_what_the_judge_cannot_use(api):
     assert r.json()["kind"] == "rollout"
     assert r.json()["params"]["judge"] == "judge-m"
     assert r.json()["params"]["judge_reply_retries"] == 1
+
+
+def test_minilm_from_names_a_pipeline_job_with_a_classifier(api):
+    """params.sweep.minilm_from: a job whose minilm stage succeeded, over the same dataset;
+    anything else is a 4xx naming the field, nothing enqueued."""
+    from app import stages
+    from app.models import JobItem
+
+    good = capture_job(api)
+    add = {"source": good, "vector": "pos_neg", "layers": [2], "scales": [0, 4]}
+
+    def pipeline(dataset: str, minilm_state: str) -> str:
+        with api.session() as s:
+            job = stages.create_pipeline_job(
+                s, dataset=dataset, model="tiny:qwen3", dtype="float32",
+                params={"stages": ["generate", "minilm"]},
+                items=[("generate", "curious"), ("minilm", "*")])
+            job_id = str(job.id)
+            for item in s.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars():
+                item.state = "succeeded" if item.stage == "generate" else minilm_state
+                item.artifact_key = f"cs/x/{job_id}/{item.stage}.json"
+                item.artifact_sha256 = "0" * 64
+        return job_id
+
+    before = job_count(api)
+    for source in ("f" * 32, good, pipeline("traits_sample", "failed"),
+                   pipeline("roles_sample", "succeeded")):
+        r = api.http.post("/jobs", json=body(**add, minilm_from=source))
+        assert 400 <= r.status_code < 500, r.text
+        assert r.json()["field"] == "params.sweep.minilm_from", r.json()
+    assert api.enqueued.ids == [] and job_count(api) == before + 2  # the two pipeline rows
+    ok = pipeline("traits_sample", "succeeded")
+    r = api.http.post("/jobs", json=body(**add, minilm_from=ok))
+    assert r.status_code == 201, r.text
+    assert r.json()["params"]["sweep"]["minilm_from"] == ok
