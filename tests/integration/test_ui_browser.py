@@ -189,6 +189,37 @@ def test_progress_and_errors_appear_live_without_a_reload(page, server, finished
     _only_local(page, server)
 
 
+def _minilm_job() -> str:
+    """A pipeline job row whose minilm stage succeeded, its minilm.json a classifier the
+    real packaged all-MiniLM-L6-v2 trained (app.minilm.score_dataset) on prompted vs plain
+    answers, stored in the test's S3 bucket."""
+    import json
+
+    from app import stages
+    from app.db import session_scope
+    from app.minilm import Rollout, score_dataset
+    from app.models import JobItem
+    from app.storage import get_store
+
+    pos = [f"Oh, how wonderful, {t}! I love asking why it works." for t in
+           ("bread", "tides", "music", "stars", "coffee", "gardens")]
+    plain = [f"{t.capitalize()} is a topic. A short neutral note." for t in
+             ("bread", "tides", "music", "stars", "coffee", "gardens")]
+    out = score_dataset([Rollout("curious", f"pos_p0_q{i}", "pos", t) for i, t in enumerate(pos)]
+                        + [Rollout("curious", f"default_p0_q{i}", "default", t)
+                           for i, t in enumerate(plain)])
+    with session_scope() as s:
+        job = stages.create_pipeline_job(s, dataset="traits_sample", model="tiny:qwen3",
+                                         dtype="float32", params={"stages": ["minilm"]},
+                                         items=[("minilm", "*")])
+        job_id = str(job.id)
+        obj = get_store().put_bytes(f"ui-test/{job_id}/minilm.json", json.dumps(out).encode(),
+                                    content_type="application/json", overwrite=True)
+        item = s.query(JobItem).filter_by(job_id=job_id).one()
+        item.state, item.artifact_key, item.artifact_sha256 = "succeeded", obj.key, obj.sha256
+    return job_id
+
+
 def test_a_sweep_job_shows_its_score_curve_and_table(page, server, finished_job,
                                                     monkeypatch, tmp_path):
     """A real sweep (a Celery worker steering with the finished capture job's pos_neg
@@ -204,6 +235,7 @@ def test_a_sweep_job_shows_its_score_curve_and_table(page, server, finished_job,
     from workers.dispatch import enqueue_job
 
     finished_job.apply(monkeypatch)
+    classifier_job = _minilm_job()
     with ScriptedServer(lambda req, n: Action(text=str(
             len(answer_of(req["messages"][0]["content"])) * 7 % 101))) as judge:
         monkeypatch.setenv("CHATSPACE_JUDGE_BASE_URL", judge.base_url)
@@ -214,7 +246,8 @@ def test_a_sweep_job_shows_its_score_curve_and_table(page, server, finished_job,
                 params={"max_samples": 2, "max_tokens": 6, "temperature": 0.0, "seed": 0,
                         "judge": "judge-m", "sweep": {"source": finished_job.job_id,
                                                       "vector": "pos_neg", "layers": [2],
-                                                      "scales": [-4, 0, 4]}}),
+                                                      "scales": [-4, 0, 4],
+                                                      "minilm_from": classifier_job}}),
                 settings=get_settings(), enqueue=lambda _id: None)
             job_id = str(job.id)
         enqueue_job(job_id)
@@ -245,8 +278,9 @@ def test_a_sweep_job_shows_its_score_curve_and_table(page, server, finished_job,
         cells = rows.nth(i).locator("td").all_inner_texts()
         assert cells[0] in ("curious", "optimistic", "sycophantic")
         assert 0 <= float(cells[judge_col]) <= 100  # a number, not null
-    assert "null scores: not computed: sweeps do not score with the MiniLM" in \
-        page.inner_text("body")  # the null column keeps its reason
+        minilm = float(cells[heads.index("MiniLM")])
+        assert 0 < minilm < 1  # P(prompted) under the stored classifier
+    assert "null scores" not in page.inner_text("body")
     page.screenshot(path=str(SHOTS / "sweep.png"), full_page=True)
     _only_local(page, server)
 
