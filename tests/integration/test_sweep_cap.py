@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.integration import worker_helpers as h
-from tests.scripted_openai import Action, ScriptedServer, answer_of
 from tests.integration.test_worker_e2e import services  # noqa: F401 - the fixture
+from tests.scripted_openai import Action, ScriptedServer, answer_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -37,12 +37,12 @@ def _judge_reply(answer: str) -> int:
     return len(answer) % 5  # 0..2 score, 3 too (roles 0..3), 4 off the scale: unparseable
 
 
-def test_cap_sweep_floors_the_axis_projection_at_the_percentiles(services, monkeypatch,
-                                                                 request):  # noqa: F811
+def test_cap_sweep_floors_the_axis_projection_at_the_percentiles(services,  # noqa: F811
+                                                                 monkeypatch, request):
+    from app import sweeps
     from app.artifacts import read_persona_artifact
     from app.settings import get_settings
     from app.storage import get_store
-    from app import sweeps
     from app.sweeps import axis_from_means, cap_thresholds
 
     procs, logs = services
