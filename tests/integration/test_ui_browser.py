@@ -93,17 +93,19 @@ def test_a_person_follows_a_finished_job_to_its_plots_and_files(page, server, fi
     page.click("button[type=submit]")
 
     row = page.locator(f"tr[data-job='{finished_job.job_id}']")
-    assert "succeeded" in row.inner_text() and "3/3" in row.inner_text()
+    # three traits and the default persona, captured once per job (#10)
+    assert "succeeded" in row.inner_text() and "4/4" in row.inner_text()
     assert "traits_sample" in row.inner_text() and "tiny:qwen3" in row.inner_text()
     page.screenshot(path=str(SHOTS / "jobs.png"), full_page=True)
 
     row.locator("a").first.click()
     assert page.locator("h1").inner_text() == f"Job {finished_job.job_id}"
-    personas = page.locator("#personas tbody tr")
-    assert personas.count() == 3
-    for i, name in enumerate(["curious", "optimistic", "sycophantic"]):
-        text = personas.nth(i).inner_text()
-        assert name in text and "succeeded" in text and "4/4" in text
+    assert page.locator("#personas tbody tr").count() == 4
+    for name in ["curious", "optimistic", "sycophantic", "default"]:
+        text = page.locator(f"#personas tr[data-persona='{name}']").inner_text()
+        assert name in text and "succeeded" in text
+    for name in ["curious", "optimistic", "sycophantic"]:
+        assert "4/4" in page.locator(f"#personas tr[data-persona='{name}']").inner_text()
     assert page.locator("#events tbody tr").count() >= 8  # submitted, claims, completions
     assert "succeeded" in page.inner_text("#job-state")
 
