@@ -41,9 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 PUBLISHED_PERSONA = 2400  # samples per traits persona: 5 pos + 5 neg prompts x 240 questions
-WORDS = ("consider the question carefully and answer as a person who cares about honesty "
-         "curiosity kindness detail evidence humour patience warmth clarity and the reader "
-         "history science music travel cooking weather money work family friends").split()
+WORDS = ["consider", "the", "question", "carefully", "and", "answer", "as", "a", "person", "who", "cares", "about", "honesty", "curiosity", "kindness", "detail", "evidence", "humour", "patience", "warmth", "clarity", "and", "the", "reader", "history", "science", "music", "travel", "cooking", "weather", "money", "work", "family", "friends"]
 
 
 def write_dataset(root: Path, *, personas: int, prompts: int, questions: int,
@@ -64,8 +62,7 @@ def write_dataset(root: Path, *, personas: int, prompts: int, questions: int,
                  for i in range(prompts)]
         (folder / f"trait{p}.json").write_text(json.dumps({"instruction": instr}))
     with open(root / name / "questions.jsonl", "w") as f:
-        for q in range(questions):
-            f.write(json.dumps({"question": f"Question {q}: " + text(q, words), "id": q}) + "\n")
+        f.writelines(json.dumps({"question": f"Question {q}: " + text(q, words), "id": q}) + "\n" for q in range(questions))
     return name
 
 
@@ -97,7 +94,7 @@ class GpuSampler:
         while not self._stop.wait(self.period):
             try:
                 u = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S112 - a missed reading is no reading
                 continue
             self.samples.append((time.time(), float(u)))
 
@@ -273,8 +270,9 @@ def main(argv=None) -> dict:
     print(f"worker log: {log_path}", flush=True)
     t0 = time.time()
     gpus = gpu.visible_gpus()
+    log_file = open(log_path, "ab")  # noqa: SIM115 - the worker writes it until the end
     worker = spawn_worker(name="job-bench", gpu_index=gpus[0] if gpus else None, model=model,
-                          dtype=args.dtype, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+                          dtype=args.dtype, stdout=log_file, stderr=subprocess.STDOUT)
     sizes = [s.strip() for s in args.batch_sizes.split(",") if s.strip()]
     runs: dict[str, list[dict]] = {f"service_batch_{s}": [] for s in sizes}
     runs["engine_alone"] = []
@@ -289,7 +287,7 @@ def main(argv=None) -> dict:
         eng = load_engine(model, args.dtype, settings)
         engine_start_s = time.time() - t
         ds = load_dataset(dataset, settings=settings)
-        samples = ds.samples(sorted(ds.personas)[0])
+        samples = ds.samples(min(ds.personas))
         layers = tuple(range(int(eng.num_layers)))
         _engine_alone(eng, samples[: min(64, len(samples))], args, layers)  # warm-up
         for rep in range(args.reps):  # interleaved: drift hits every run alike
