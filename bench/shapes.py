@@ -23,6 +23,8 @@ SHAPES = {
     "qwen3-0.6b": (28, 1024, 16, 8, 128, 3072, 151936),
     "qwen3-8b": (36, 4096, 32, 8, 128, 12288, 151936),
     "qwen3-32b": (64, 5120, 64, 8, 128, 25600, 151936),
+    # the tiny Qwen3's layers with the real vocabulary: checks the --shape path on a CPU
+    "qwen3-tiny": (4, 128, 2, 1, 64, 256, 151936),
 }
 
 
