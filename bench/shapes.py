@@ -66,6 +66,8 @@ def write_shape(name: str, out_dir: Path, *, weights: bool = False, dtype: str =
                           num_kv_heads=kv, head_dim=head_dim, vocab_size=vocab,
                           intermediate_size=inter, max_position_embeddings=8192)
     config.initializer_range = 0.02
+    # without it vLLM loads a config-only (dummy) shape as a pooling model, which cannot generate
+    config.architectures = ["Qwen3ForCausalLM"]
     tok = build_tokenizer("qwen3") if tokenizer == "tiny" else wide_tokenizer("qwen3", vocab)
     config.eos_token_id = tok.eos_token_id
     config.pad_token_id = tok.pad_token_id
