@@ -53,7 +53,8 @@ class JobParams(BaseModel):
         None, description="a succeeded roles capture job of the same model: every persona's "
                           "vectors are projected on its assistant axis (axis.json)")
     batch_size: StrictInt | None = Field(sampling.BATCH_SIZE,
-                                         description="prompts per engine batch")
+                                         description="samples handed to the engine at once: a memory cap "
+                                         "(vLLM's scheduler batches them); halved on OOM")
     max_tokens: StrictInt | None = Field(sampling.MAX_TOKENS,
                                          description="tokens generated per response")
     temperature: float | None = Field(sampling.TEMPERATURE,
@@ -62,6 +63,10 @@ class JobParams(BaseModel):
     seed: StrictInt | None = Field(None, description="sampling seed")
     steer: list[SteerOpSpec] | None = Field(None, description="rollout: steering ops")
     capture: StrictBool | None = Field(None, description="rollout: also store activations")
+    spans: list[Literal["prompt", "last_prompt"]] | None = Field(
+        None, description="per-sample means stored besides the response mean (default none): "
+                          "prompt (the prompt-span mean), last_prompt (the last prompt "
+                          "token); each adds as many bytes as the response means")
     capture_exact: StrictBool | None = Field(
         None, description="capture with prefix caching off for exact per-token rows")
     # the research pipeline (kind pipeline; see app/stages.py)

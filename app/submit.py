@@ -35,7 +35,8 @@ MAX_TOKENS = 131_072
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63 - 1
 MAX_SCALE = 1e6
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,199}$")
+# A Hugging Face id, tiny:<family>, or a local folder, relative or absolute (/models/Qwen3-8B)
+MODEL_RE = re.compile(r"^/?[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,199}$")
 VECTOR_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 OP_KEYS = {f.alias or name for name, f in SteerOpSpec.model_fields.items()}
 FROM_KEYS = set(VectorRef.model_fields)

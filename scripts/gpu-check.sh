@@ -5,6 +5,9 @@
 #
 # phases: diag (per-layer fp32 parity report, TF32 on vs off) | cleanup | ingraph | parity (the gpu tests
 # on one GPU) | multi (tensor parallel + two pinned workers; needs 2 GPUs) | bench-0.6b | bench-8b
+# | job-throughput (bench/job_throughput.py: the real service on the embedded default against the engine
+# alone; JOB_SHAPE=qwen3-8b by default, JOB_BENCH_ARGS replaces its arguments, e.g.
+# JOB_BENCH_ARGS="--batch-sizes 16,default --questions 120" for the old default side by side)
 # CHATSPACE_TEST_GPU_INDEX=N runs the single-GPU phases on GPU N, so two lanes can share a 2-GPU
 # machine. Two lanes write the same log names: give each its own OUT. The calls that ran the
 # whole proof on 2x H200 (device tool, kind nvidia-h200-x2, back to back: ~23 min of device time):
@@ -81,6 +84,14 @@ for phase in "$@"; do
         --json "$OUT/bench-${card}-qwen3-${shape}-${stamp}.json" ${BENCH_ARGS:-${BENCH[$shape]}} \
         > "$OUT/bench-$shape.log" 2>&1
       echo "bench $shape rc=$?"; grep -A12 "^config" "$OUT/bench-$shape.log"; tail -3 "$OUT/bench-$shape.log" ;;
-    *) echo "unknown phase $phase (diag | cleanup | ingraph | parity | multi | bench-0.6b | bench-8b)" >&2; exit 2 ;;
+    job-throughput)  # 2 traits personas x 2,400 samples, 128 tokens: ~8 min on an H200 at 8B
+      export CUDA_VISIBLE_DEVICES=$idx
+      shape=${JOB_SHAPE:-qwen3-8b}
+      timeout -k 15 585 python3 bench/job_throughput.py --shape "$shape" \
+        --json "$OUT/job-throughput-${card}-${shape}-${stamp}.json" \
+        ${JOB_BENCH_ARGS:---personas 2 --questions 240 --tokens 128 --batch-sizes default --reps 1} \
+        > "$OUT/job-throughput-$shape.log" 2>&1
+      echo "job-throughput $shape rc=$?"; grep -A8 "^# " "$OUT/job-throughput-$shape.log" ;;
+    *) echo "unknown phase $phase (diag | cleanup | ingraph | parity | multi | bench-0.6b | bench-8b | job-throughput)" >&2; exit 2 ;;
   esac
 done

@@ -1,4 +1,10 @@
-"""Running a persona's samples through the engine in batches, with the OOM policy.
+"""Running a persona's samples through the engine in chunks, with the OOM policy.
+
+``batch_size`` is a memory cap: each chunk goes to the engine in one call and vLLM's
+scheduler batches it (``engine.max_num_seqs`` sequences running at a time, refilled as they
+finish), so a chunk at least as large as ``max_num_seqs`` keeps the GPU as busy as one call
+with the whole persona would, while what one call holds (capture sums on the device, results
+on the host) stays bounded.
 
 An out-of-memory error on a batch (anything :func:`workers.gpu.is_oom` recognises) frees
 memory, halves the batch size and retries that same batch; samples already done are kept.

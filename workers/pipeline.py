@@ -1,10 +1,12 @@
 """Capture and rollout, one persona (one job item) at a time: prompts → engine → store.
 
-Capture, per batch of samples: generate responses (temperature / max_tokens / seed from the
+Capture, per chunk of ``batch_size`` samples (a memory cap: vLLM's scheduler batches the
+chunk, :mod:`workers.batching`): generate responses (temperature / max_tokens / seed from the
 job's params), then re-read each finished conversation in one exact prefill pass and keep,
 per layer, the mean over every assistant-response token (the span :func:`app.prompts.
-build_prompt` computes from the chat template), the prompt-span mean and the last prompt
-token. After the last batch the persona vectors are derived (:mod:`app.vectors`) and the
+build_prompt` computes from the chat template); the prompt-span mean and the last prompt
+token only when ``params.spans`` asks for them. Means are stored as float32 whatever the
+model's dtype (``storage_dtype`` in the metadata). After the last batch the persona vectors are derived (:mod:`app.vectors`) and the
 artifact (safetensors + JSON metadata, and a small ``.vectors.safetensors`` the job's end
 reads: :mod:`workers.jobvectors`) is written to the store; a ``.pt`` copy only with
 ``CHATSPACE_WRITE_PT`` (``artifacts export`` writes one on demand). The default persona is
@@ -50,6 +52,21 @@ log = logging.getLogger(__name__)
 # Our span name -> the name the engine reduces it under: the engine reserves the plain names
 # for its built-in generation spans, so the exact re-read asks for named spans instead.
 SPANS = {"response": "cs_response", "prompt": "cs_prompt", "last_prompt": "cs_last_prompt"}
+
+
+def stored_spans(params) -> tuple[str, ...]:
+    """The spans a job stores per sample: the response mean always, ``prompt`` and
+    ``last_prompt`` only when ``params.spans`` asks (each is as large as the response means:
+    at 8B, 590 kB per sample in float32, 1.77 MB for all three; issue #14)."""
+    extra = set(getattr(params, "spans", None) or ())
+    return tuple(n for n in SPANS if n == "response" or n in extra)
+
+
+def capture_spans(names, prompt_len: int, response_span: tuple[int, int]) -> tuple[Span, ...]:
+    """The engine's named spans for one conversation of the exact re-read."""
+    bounds = {"response": response_span, "prompt": (0, prompt_len),
+              "last_prompt": (prompt_len - 1, prompt_len)}
+    return tuple(Span(SPANS[n], *bounds[n]) for n in names)
 
 
 @dataclass
@@ -156,6 +173,7 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
     tok = ctx.engine.tokenizer
     kwargs = template_kwargs(tok)
     layers = _layers(ctx) if capture else ()
+    names = stored_spans(ctx.params)
     policy = policy or _policy(ctx)
     options = ctx.params.sampling()
     total = len(samples)
@@ -177,16 +195,11 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
         fulls = [build_prompt(tok, system=r["sample"].system_prompt or None,
                               question=r["sample"].question, response=r["response"],
                               template_kwargs=kwargs) for r in rows]
-        cspecs = []
-        for r, f in zip(rows, fulls):
-            start, end = f.response_span
-            P = f.prompt_len
-            spans = (Span(SPANS["response"], start, end), Span(SPANS["prompt"], 0, P),
-                     Span(SPANS["last_prompt"], P - 1, P))
-            cspecs.append(RequestSpec(
-                steer=tuple(steer), key=r["sample"].key,
-                capture=CaptureSpec(layers=layers, prompt=False, response=False,
-                                    last_prompt=False, spans=spans)))
+        cspecs = [RequestSpec(
+            steer=tuple(steer), key=r["sample"].key,
+            capture=CaptureSpec(layers=layers, prompt=False, response=False, last_prompt=False,
+                                spans=capture_spans(names, f.prompt_len, f.response_span)))
+            for r, f in zip(rows, fulls)]
         caps = ctx.engine.capture([f.input_ids for f in fulls], cspecs)
         for r, c, f in zip(rows, caps, fulls):
             want = f.response_span[1] - f.response_span[0]
@@ -194,7 +207,7 @@ def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
             if got != want:
                 raise RuntimeError(f"sample {r['sample'].key}: capture covered {got} response "
                                    f"tokens, expected {want}")
-            r["means"] = {name: c.means[span] for name, span in SPANS.items()}
+            r["means"] = {name: c.means[SPANS[name]] for name in names}
             r["response_span"] = f.response_span
         return rows
 
@@ -206,7 +219,7 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
     rows = generate_and_capture(ctx, samples, capture=True)
     layers = list(_layers(ctx))
     acts = {name: np.stack([r["means"][name].float().numpy() for r in rows])
-            for name in SPANS}
+            for name in stored_spans(ctx.params)}
     keys = [r["sample"].key for r in rows]
     default_keys = ([s.key for s in item_samples(ctx, dataset, DEFAULT_PERSONA)]
                     if DEFAULT_PERSONA in dataset.personas and ctx.persona != DEFAULT_PERSONA
@@ -219,7 +232,7 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
     data, metadata = build_persona_artifact(
         activations=acts["response"], keys=keys, vectors=vectors, layers=layers,
         model=ctx.model, dtype=ctx.dtype, dataset=ctx.dataset, persona=ctx.persona,
-        extra_spans={"prompt": acts["prompt"], "last_prompt": acts["last_prompt"]},
+        extra_spans={n: a for n, a in acts.items() if n != "response"},
         extra_metadata={**provenance(ctx.engine), "job_id": str(ctx.job_id),
                         "params": ctx.params.as_dict(), "scores": score_info,
                         "responses": [r["response"] for r in rows],
@@ -321,7 +334,7 @@ def _rollout(ctx: ItemContext, dataset, samples) -> ItemResult:
         from safetensors.torch import save
 
         tensors = {f"{name}_mean": torch.stack([r["means"][name] for r in rows]).float()
-                   .contiguous() for name in SPANS}
+                   .contiguous() for name in stored_spans(ctx.params)}
         header = {**provenance(ctx.engine), "keys": json.dumps([r["sample"].key for r in rows])}
         cap = ctx.store.put_bytes(key.rsplit(".", 1)[0] + ".activations.safetensors",
                                   save(tensors, metadata=header), overwrite=True)

@@ -169,25 +169,29 @@ def capture_given(pctx, responses) -> list[dict]:
     generation): the spans :func:`app.prompts.build_prompt` places, as the capture job's
     second half does for the responses it generated."""
     from app.prompts import build_prompt
-    from workers.engine.spec import CaptureSpec, RequestSpec, Span
-    from workers.pipeline import SPANS, _layers, _policy, template_kwargs
+    from workers.engine.spec import CaptureSpec, RequestSpec
+    from workers.pipeline import (
+        SPANS,
+        _layers,
+        _policy,
+        capture_spans,
+        stored_spans,
+        template_kwargs,
+    )
 
     tok = pctx.engine.tokenizer
     kwargs = template_kwargs(tok)
     layers = _layers(pctx)
+    names = stored_spans(pctx.params)
     total = len(responses)
 
     def one_batch(batch) -> list[dict]:
         fulls = [build_prompt(tok, system=r.system_prompt or None, question=r.question,
                               response=r.answer, template_kwargs=kwargs) for r in batch]
-        specs = []
-        for r, f in zip(batch, fulls):
-            start, end = f.response_span
-            P = f.prompt_len
-            specs.append(RequestSpec(key=r.key, capture=CaptureSpec(
-                layers=layers, prompt=False, response=False, last_prompt=False,
-                spans=(Span(SPANS["response"], start, end), Span(SPANS["prompt"], 0, P),
-                       Span(SPANS["last_prompt"], P - 1, P)))))
+        specs = [RequestSpec(key=r.key, capture=CaptureSpec(
+            layers=layers, prompt=False, response=False, last_prompt=False,
+            spans=capture_spans(names, f.prompt_len, f.response_span)))
+            for r, f in zip(batch, fulls)]
         caps = pctx.engine.capture([f.input_ids for f in fulls], specs)
         rows = []
         for r, c, f in zip(batch, caps, fulls):
@@ -196,7 +200,7 @@ def capture_given(pctx, responses) -> list[dict]:
             if got != want:
                 raise RuntimeError(f"sample {r.key}: capture covered {got} response tokens, "
                                    f"expected {want}")
-            rows.append({"response": r, "means": {n: c.means[s] for n, s in SPANS.items()},
+            rows.append({"response": r, "means": {n: c.means[SPANS[n]] for n in names},
                          "response_span": f.response_span})
         return rows
 
@@ -210,19 +214,20 @@ def _capture(ctx: StageContext) -> StageResult:
 
     from app.artifacts import build_persona_artifact
     from app.vectors import derive_vectors
-    from workers.pipeline import SPANS, _layers
+    from workers.pipeline import _layers, stored_spans
 
     responses = load_responses(ctx)
     pctx = _pipeline_ctx(ctx)
     rows = capture_given(pctx, responses)
     layers = list(_layers(pctx))
-    acts = {n: np.stack([r["means"][n].float().numpy() for r in rows]) for n in SPANS}
+    acts = {n: np.stack([r["means"][n].float().numpy() for r in rows])
+            for n in stored_spans(pctx.params)}
     keys = [r["response"].key for r in rows]
     unscored = derive_vectors(acts["response"], keys, kind=_dataset(ctx).kind)
     data, meta = build_persona_artifact(
         activations=acts["response"], keys=keys, vectors=unscored, layers=layers,
         model=ctx.model, dtype=ctx.dtype, dataset=ctx.dataset, persona=ctx.persona,
-        extra_spans={"prompt": acts["prompt"], "last_prompt": acts["last_prompt"]},
+        extra_spans={n: a for n, a in acts.items() if n != "response"},
         extra_metadata={"job_id": str(ctx.job_id), "stage": "capture",
                         "response_spans": [list(r["response_span"]) for r in rows]})
     base = f"{ctx.prefix}/activations/{ctx.persona}"

@@ -107,8 +107,9 @@ def test_capture_stores_exact_response_means_and_vectors():
         a, b = full.response_span
         rows = torch.stack([embed(t) for t in full.input_ids[a:b]]).mean(0)[[0, 2]]
         np.testing.assert_allclose(art.activations[i], rows.numpy(), rtol=1e-6, atol=1e-6)
-        last = embed(full.input_ids[full.prompt_len - 1])[[0, 2]]
-        np.testing.assert_allclose(art.spans["last_prompt"][i], last.numpy(), atol=1e-6)
+    # Response means only by default: the other spans are opt-in (params.spans), float32.
+    assert art.spans == {} and art.metadata["spans"] == []
+    assert art.metadata["storage_dtype"] == "float32" and art.activations.dtype == np.float32
     expected = derive_vectors(art.activations, art.keys, kind=ds.kind)
     assert set(art.vectors) == set(expected.vectors)
     for name, vec in expected.vectors.items():
@@ -121,6 +122,29 @@ def test_capture_stores_exact_response_means_and_vectors():
         "json", "vectors.safetensors"]
     for e in result.extra:
         assert ctx.store.verify(e["key"], e["sha256"])
+
+
+def test_capture_stores_prompt_spans_when_asked():
+    ctx, engine, _, _, ds = make_ctx(layers=[0, 2], spans=["last_prompt", "prompt"])
+    result = pipeline.run_item(ctx)
+    art = read_persona_artifact(ctx.store.get_bytes(result.artifact_key))
+    assert sorted(art.spans) == ["last_prompt", "prompt"]
+    for i, s in enumerate(ds.samples(ctx.persona, max_samples=6)):
+        full = build_prompt(engine.tokenizer, system=s.system_prompt or None,
+                            question=s.question, response=art.metadata["responses"][i])
+        P = full.prompt_len
+        last = embed(full.input_ids[P - 1])[[0, 2]]
+        prompt = torch.stack([embed(t) for t in full.input_ids[:P]]).mean(0)[[0, 2]]
+        np.testing.assert_allclose(art.spans["last_prompt"][i], last.numpy(), atol=1e-6)
+        np.testing.assert_allclose(art.spans["prompt"][i], prompt.numpy(), atol=1e-6)
+
+
+def test_spans_param_refuses_unknown_span():
+    from app.errors import SpecInvalid
+
+    with pytest.raises(SpecInvalid) as exc:
+        JobParams.from_dict({"spans": ["response_tokens"]})
+    assert exc.value.field == "params.spans[0]"
 
 
 def test_rerun_overwrites_same_key():

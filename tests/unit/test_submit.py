@@ -89,6 +89,9 @@ def test_models_allowed_by_settings():
     assert field_of(check_model, "Qwen/Qwen3-32B", limited) == "model"
     assert field_of(check_model, "a b", Settings()) == "model"
     assert field_of(check_model, "../../etc", Settings()) == "model"
+    assert check_model("/models/Qwen3-8B", Settings()) == "/models/Qwen3-8B"  # a local folder
+    assert field_of(check_model, "/models/../etc", Settings()) == "model"
+    assert field_of(check_model, "//host/x", Settings()) == "model"
 
 
 def test_validate_refuses_before_touching_the_database():
