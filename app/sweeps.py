@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 from app.errors import SpecInvalid
+from app.sweepscore import find_job
 
 SWEEP_KEYS = {"source", "vector", "persona", "layers", "scales", "normalize", "cap_axis",
               "cap_percentiles", "minilm_from"}
@@ -117,19 +118,7 @@ def _layers(raw, info) -> list[int]:
 
 def _source_job(session, job_id, field: str):
     """A succeeded capture job, or a SpecInvalid naming ``field``."""
-    from app.models import Job
-
-    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
-        raise SpecInvalid("missing or not a job id", field=field,
-                          hint="the id of a succeeded capture job")
-    try:
-        job = session.get(Job, job_id)
-    except Exception:  # noqa: BLE001 - a malformed id is just "no such job"
-        session.rollback()
-        job = None
-    if job is None:
-        raise SpecInvalid(f"no job {job_id!r}", field=field,
-                          hint="`chatspace-jobs list --kind capture --state succeeded`")
+    job = find_job(session, job_id, field=field, kind="capture")
     if job.kind != "capture":
         raise SpecInvalid(f"job {job_id} is a {job.kind} job, not a capture job", field=field,
                           hint="steer from a succeeded capture job")

@@ -110,6 +110,25 @@ def judge_status(model: str | None, base_url: str | None) -> dict:
                        "each row's judge.counts"}
 
 
+def find_job(session, job_id, *, field: str, kind: str):
+    """The job a sweep names in ``field``, or a SpecInvalid naming it: a missing or malformed
+    id and an unknown job read alike ("no such job"). ``kind`` is the kind the hint asks for."""
+    from app.models import Job
+
+    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
+        raise SpecInvalid("missing or not a job id", field=field,
+                          hint=f"the id of a succeeded {kind} job")
+    try:
+        job = session.get(Job, job_id)
+    except Exception:  # noqa: BLE001 - a malformed id is just "no such job"
+        session.rollback()
+        job = None
+    if job is None:
+        raise SpecInvalid(f"no job {job_id!r}", field=field,
+                          hint=f"`chatspace-jobs list --kind {kind} --state succeeded`")
+    return job
+
+
 # ---- MiniLM: the classifier an earlier pipeline job trained (its minilm stage) ----------
 
 def check_minilm_from(session, job_id, *, dataset: str) -> str:
@@ -118,20 +137,10 @@ def check_minilm_from(session, job_id, *, dataset: str) -> str:
     tells this dataset's prompted answers from its unprompted ones."""
     from sqlalchemy import select
 
-    from app.models import Job, JobItem
+    from app.models import JobItem
 
     field = "params.sweep.minilm_from"
-    if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
-        raise SpecInvalid("missing or not a job id", field=field,
-                          hint="the id of a succeeded pipeline job that ran the minilm stage")
-    try:
-        job = session.get(Job, job_id)
-    except Exception:  # noqa: BLE001 - a malformed id is just "no such job"
-        session.rollback()
-        job = None
-    if job is None:
-        raise SpecInvalid(f"no job {job_id!r}", field=field,
-                          hint="`chatspace-jobs list --kind pipeline --state succeeded`")
+    job = find_job(session, job_id, field=field, kind="pipeline")
     item = session.execute(select(JobItem).where(JobItem.job_id == job_id,
                                                  JobItem.stage == "minilm")).scalars().first()
     if item is None or item.state != "succeeded" or not item.artifact_key:
