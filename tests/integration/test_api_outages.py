@@ -122,7 +122,8 @@ def test_database_down_is_503_with_retry_after_on_every_route(monkeypatch, tmp_p
                 ("GET", "/workers", None), ("POST", "/workers/w1/release", None),
                 ("POST", "/workers/w1/reload", None), ("GET", "/metrics", None),
                 ("GET", "/artifacts", {"job": job}), ("GET", f"/jobs/{job}/analysis", None),
-                ("POST", f"/jobs/{job}/analysis", None)]
+                ("POST", f"/jobs/{job}/analysis", None), ("GET", f"/jobs/{job}/sweep", None),
+                ("GET", f"/jobs/{job}/sweep.png", None)]
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30) as c:
             for method, path, arg in needs_db:

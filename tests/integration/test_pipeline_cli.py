@@ -69,11 +69,13 @@ def test_submit_wait_on_the_embedded_default(tmp_path, monkeypatch):
     store = get_store(get_settings())
     manifest = json.loads(store.get_bytes(manifest_key))
     entries = [e for e in manifest["artifacts"] if e["kind"] == "persona"]
+    # three traits and the default persona, captured once per job (#10)
     assert sorted(e["persona"] for e in entries) == personas == [
-        "curious", "optimistic", "sycophantic"]
+        "curious", "default", "optimistic", "sycophantic"]
     for e in entries:
         assert store.verify(e["key"], e["sha256"]) and e["key"].endswith(".safetensors")
-        assert e["shapes"]["activations"][0] == e["n_samples"] == 4
+        assert e["shapes"]["activations"][0] == e["n_samples"]
+        assert e["n_samples"] == 4 or e["persona"] == "default"
     assert all(_wait_gone(pid) for pid in pids)  # the local worker exits once idle
 
 

@@ -14,6 +14,7 @@ from tests.integration.finished_job import TOKEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 PERSONAS = ["curious", "optimistic", "sycophantic"]
+ITEMS = sorted(PERSONAS + ["default"])  # the default persona is captured once per job (#10)
 
 
 @pytest.fixture
@@ -52,8 +53,9 @@ def test_python_api_reads_the_same_tensors_over_http_and_from_the_store(finished
     direct = cj.connect(settings=get_settings()).job(finished_job.job_id)
     assert finished_job.job_id in [j["id"] for j in cj.jobs()]
     assert over_http.status()["state"] == "succeeded"
-    assert over_http.personas == direct.personas == PERSONAS
-    assert over_http.vector_names() == ["pos_default", "pos_neg"]
+    assert over_http.personas == direct.personas == ITEMS
+    # "mean" is the default persona's own vector (assistant-axis 4_vectors.py)
+    assert over_http.vector_names() == ["mean", "pos_default", "pos_neg"]
     store = _store()
     for persona in PERSONAS:
         raw = read_persona_artifact(store.get_bytes(f"{finished_job.prefix}/{persona}.safetensors"))
@@ -135,8 +137,9 @@ def test_cli_downloads_a_whole_job_over_the_api_and_from_the_store(finished_job,
                                      "-o", str(dest)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert "every file matches the manifest's sha256" in result.output
-        assert {p.name for p in dest.glob("*.safetensors")} == {f"{p}.safetensors"
-                                                                for p in PERSONAS}
+        assert {p.name for p in dest.glob("*.safetensors")} == (
+            {f"{p}.safetensors" for p in ITEMS} | {f"{p}.vectors.safetensors" for p in ITEMS}
+            | {"job_vectors.safetensors"})
     (tmp_path / "afile").write_text("x")
     result = runner.invoke(cli, ["artifacts", "get", finished_job.job_id, "-o",
                                  str(tmp_path / "afile")])
