@@ -57,6 +57,19 @@ class _Req:
     raw_rows: dict[int, list[torch.Tensor]] | None = None
     raw_positions: list[int] | None = None
 
+    def plan_capture(self, cap, *, n_prompt: int, n_layers: int) -> None:
+        """The layers and named token spans ``cap`` asks for (absolute positions; response
+        runs to the end), the same on the eager and the in-graph path."""
+        self.cap_layers = tuple(cap.layers) if cap.layers is not None else tuple(range(n_layers))
+        if cap.prompt:
+            self.spans["prompt"] = (0, n_prompt)
+        if cap.response:
+            self.spans["response"] = (n_prompt, None)
+        if cap.last_prompt and n_prompt > 0:
+            self.spans["last_prompt"] = (n_prompt - 1, n_prompt)
+        for s in cap.spans:
+            self.spans[s.name] = (s.start, s.end)
+
 
 @dataclass
 class _Plan:
@@ -119,16 +132,7 @@ class _State:
                    steer_layers=ops.layers if ops else frozenset())
         cap = spec.capture
         if cap is not None:
-            req.cap_layers = tuple(cap.layers) if cap.layers is not None else tuple(
-                range(len(self.layers)))
-            if cap.prompt:
-                req.spans["prompt"] = (0, n_prompt)
-            if cap.response:
-                req.spans["response"] = (n_prompt, None)
-            if cap.last_prompt and n_prompt > 0:
-                req.spans["last_prompt"] = (n_prompt - 1, n_prompt)
-            for s in cap.spans:
-                req.spans[s.name] = (s.start, s.end)
+            req.plan_capture(cap, n_prompt=n_prompt, n_layers=len(self.layers))
             for name in req.spans:
                 req.slots[name] = self._alloc_slot()
                 req.counts[name] = 0

@@ -289,16 +289,7 @@ class _Steps:
         if cap is not None:
             if cap.raw:
                 raise InGraphError("raw capture needs the eager steering path")
-            req.cap_layers = tuple(cap.layers) if cap.layers is not None else tuple(
-                range(len(self.layers)))
-            if cap.prompt:
-                req.spans["prompt"] = (0, n_prompt)
-            if cap.response:
-                req.spans["response"] = (n_prompt, None)
-            if cap.last_prompt and n_prompt > 0:
-                req.spans["last_prompt"] = (n_prompt - 1, n_prompt)
-            for s in cap.spans:
-                req.spans[s.name] = (s.start, s.end)
+            req.plan_capture(cap, n_prompt=n_prompt, n_layers=len(self.layers))
             for name in req.spans:
                 if not self.free_slots:
                     raise InGraphError(f"in-graph capture slots exhausted ({self.cfg['slots']});"
