@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -60,6 +60,9 @@ class EngineSettings(BaseSettings):
     # eager: forward hooks on an eager vLLM (the fallback, and raw per-token capture);
     # ingraph: one op per layer inside vLLM's compiled graphs and CUDA graphs (faster)
     steering_path: Literal["eager", "ingraph"] = "eager"
+    # vLLM's async scheduling (plans step N+1 while step N runs): ingraph only, where the op
+    # drops the extra forward it gives a request that stopped on a sampled stop token
+    async_scheduling: bool = False
     # vLLM's load_format; "dummy" = random weights from the config (benchmarks at real shapes)
     load_format: str = "auto"
     max_num_seqs: int = 256
@@ -72,6 +75,14 @@ class EngineSettings(BaseSettings):
     # for experiments: every artifact then records unverified_family. The engine's start-up
     # stream check still refuses a layer whose output is not (delta, residual).
     allow_unverified_family: bool = False
+
+    @model_validator(mode="after")
+    def _async_needs_ingraph(self) -> EngineSettings:
+        if self.async_scheduling and self.steering_path != "ingraph":
+            raise ValueError("CHATSPACE_ENGINE_ASYNC_SCHEDULING=1 needs "
+                             "CHATSPACE_ENGINE_STEERING_PATH=ingraph: the eager hooks cannot "
+                             "drop the extra forward async scheduling gives a stopped request")
+        return self
 
 
 class JudgeSettings(BaseSettings):

@@ -130,8 +130,9 @@ def main(argv=None) -> dict:
     p.add_argument("--capture-modes", action=argparse.BooleanOptionalAction, default=True,
                    help="also time capture batched vs one at a time (exact re-read)")
     p.add_argument("--paths", default="eager,ingraph",
-                   help="steering paths to measure: eager (hooks, eager vLLM) and/or ingraph "
-                   "(one op per layer inside compiled graphs and CUDA graphs)")
+                   help="steering paths to measure: eager (hooks, eager vLLM), ingraph (one op "
+                   "per layer inside compiled graphs and CUDA graphs) and/or ingraph_async "
+                   "(the same with vLLM's async scheduling on)")
     p.add_argument("--ingraph-share", type=float, default=None,
                    help="the in-graph engine's share (default: --gpu-memory-utilization)")
     p.add_argument("--prefix-caching", action="store_true")
@@ -196,8 +197,9 @@ def main(argv=None) -> dict:
         share = args.gpu_memory_utilization if sp == "eager" else (
             args.ingraph_share or args.gpu_memory_utilization)
         t = time.perf_counter()
-        engines[sp] = SteeringEngine(path, gpu_memory_utilization=share, steering_path=sp,
-                                     **common)
+        engines[sp] = SteeringEngine(path, gpu_memory_utilization=share,
+                                     steering_path=sp.removesuffix("_async"),
+                                     async_scheduling=sp.endswith("_async"), **common)
         start_s[f"steering_engine_{sp}"] = time.perf_counter() - t
     eng = engines[paths[0]]
     try:
@@ -239,8 +241,8 @@ def main(argv=None) -> dict:
         for sp, e in engines.items():
             for name, specs in modes.items():
                 label = "plain_eager" if name == "plain" else name
-                if sp == "ingraph":
-                    label = "ingraph_plain" if name == "plain" else f"ingraph_{name}"
+                if sp != "eager":
+                    label = f"{sp}_plain" if name == "plain" else f"{sp}_{name}"
                 runs[label] = (lambda specs=specs, e=e: e.generate(prompts, opts, specs))
         owner = {label: e for label, e in ((lbl, _engine_of(lbl, engines)) for lbl in runs)
                  if e is not None}
@@ -302,7 +304,10 @@ def main(argv=None) -> dict:
 def _engine_of(label: str, engines: dict):
     if label.startswith("plain_compiled"):
         return None
-    return engines.get("ingraph" if label.startswith("ingraph") else "eager")
+    for sp in ("ingraph_async", "ingraph"):
+        if label.startswith(sp + "_"):
+            return engines.get(sp)
+    return engines.get("eager")
 
 
 def _worker_stats(eng) -> dict:

@@ -94,7 +94,8 @@ def load_engine(model: str, dtype: str, settings: Settings) -> Engine:
             gpu_memory_utilization=memory_fraction(settings), enforce_eager=e.enforce_eager,
             max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size,
             allow_unverified_family=e.allow_unverified_family,
-            steering_path=e.steering_path, load_format=e.load_format)
+            steering_path=e.steering_path, async_scheduling=e.async_scheduling,
+            load_format=e.load_format)
     from workers.engine.hf import HFBackend
 
     return HFBackend(path, dtype=dtype)

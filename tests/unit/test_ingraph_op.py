@@ -58,12 +58,36 @@ def _case(dtype=torch.float32):
     return comp, tables, delta, res, srow, pslot, cslot
 
 
-def _run(fn, delta, res, srow, pslot, cslot, tables, layer):
+def _run(fn, delta, res, srow, pslot, cslot, tables, layer, pend=None):
     d = delta.clone()
     acc = torch.zeros(S + 1, L, H)
     hits = torch.zeros(9, dtype=torch.int32)
-    fn(d, res, srow, pslot, cslot, *tables, acc, hits, layer, 8)
+    fn(d, res, srow, pslot, cslot, *tables, acc, hits,
+       torch.zeros(1, L, H) if pend is None else pend, layer, 8)
     return d, acc, hits
+
+
+def _pend_steps(fn):
+    """Three decode steps of two capture requests under async scheduling: each step's row
+    of a request goes to its pend row (column 4) and the row it replaces to the response
+    sum (column 1). Returns (acc, pend, rows) after the three steps."""
+    _, tables, *_ = _case()
+    g = torch.Generator().manual_seed(3)
+    pend = torch.zeros(9, L, H)
+    acc = torch.zeros(S + 1, L, H)
+    hits = torch.zeros(9, dtype=torch.int32)
+    rows = []
+    for _ in range(3):  # rows: request A (pend 2, response slot 5), plain, request B (3, 6)
+        delta, res = torch.randn(3, H, generator=g), torch.randn(3, H, generator=g)
+        cslot = torch.zeros(3, iop.NCOL, dtype=torch.int32)
+        cslot[0, 1], cslot[0, 4], cslot[2, 1], cslot[2, 4] = 5, 2, 6, 3
+        srow = torch.zeros(3, dtype=torch.int32)  # no steering: x is the same at each layer
+        pslot = torch.tensor([2, 0, 3], dtype=torch.int32)
+        d = delta.clone()
+        for layer in range(L):
+            fn(d, res, srow, pslot, cslot, *tables, acc, hits, pend, layer, 8)
+        rows.append(d.float() + res.float())
+    return acc, pend, rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -87,6 +111,18 @@ def test_reference_op_matches_eager_math(dtype):
             expect = x[rows].sum(0) if rows else torch.zeros(H)
             assert torch.allclose(acc[slot, layer], expect, atol=1e-4), (layer, slot)
         assert hits[1:5].tolist() == [1, 1, 1, 1]  # one count per request's first row
+
+
+def test_async_pend_row_holds_the_latest_response_row_back():
+    acc, pend, rows = _pend_steps(iop.reference)
+    for layer in range(L):
+        # the response sums hold every row but the last; pend holds the last
+        assert torch.allclose(acc[5, layer], rows[0][0] + rows[1][0], atol=1e-5)
+        assert torch.allclose(acc[6, layer], rows[0][2] + rows[1][2], atol=1e-5)
+        assert torch.equal(pend[2, layer], rows[2][0])
+        assert torch.equal(pend[3, layer], rows[2][2])
+    assert not pend[0].any()  # rows without a pend slot leave the dump row as it was
+    assert not pend[4:].any()
 
 
 def test_encode_merges_adjacent_adds_only():
@@ -113,6 +149,9 @@ for layer in range(L):
     assert (a[0] - b[0]).abs().max() < 1e-5, layer
     assert (a[1][1:] - b[1][1:]).abs().max() < 1e-4, layer
     assert torch.equal(a[2][1:], b[2][1:]), layer
+from tests.unit.test_ingraph_op import _pend_steps
+a, b = _pend_steps(iop.reference), _pend_steps(iop.triton_impl)
+assert (a[0][1:] - b[0][1:]).abs().max() < 1e-5 and torch.equal(a[1][1:], b[1][1:])
 print("ok")
 """
 

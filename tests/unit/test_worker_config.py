@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from workers.config import WORKER_ENV, WorkerEnv, nodename
 
 
@@ -28,3 +30,16 @@ def test_empty_variables_mean_unset_except_gpu(monkeypatch):
 
 def test_nodename():
     assert nodename("h-gpu0") == "chatspace@h-gpu0" and nodename("x@y") == "x@y"
+
+
+def test_async_scheduling_needs_the_ingraph_path(monkeypatch):
+    from pydantic import ValidationError
+
+    from app.settings import EngineSettings
+
+    monkeypatch.setenv("CHATSPACE_ENGINE_ASYNC_SCHEDULING", "1")
+    monkeypatch.setenv("CHATSPACE_ENGINE_STEERING_PATH", "eager")
+    with pytest.raises(ValidationError, match="CHATSPACE_ENGINE_STEERING_PATH=ingraph"):
+        EngineSettings()
+    monkeypatch.setenv("CHATSPACE_ENGINE_STEERING_PATH", "ingraph")
+    assert EngineSettings().async_scheduling is True

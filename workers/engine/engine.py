@@ -116,9 +116,14 @@ class SteeringEngine:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  load_format: str = "auto", seed: int = 0,
                  allow_unverified_family: bool = False, steering_path: str = "eager",
-                 ingraph: dict | None = None, **llm_kwargs):
+                 ingraph: dict | None = None, async_scheduling: bool = False, **llm_kwargs):
         if steering_path not in PATHS:
             raise EngineError(f"steering_path={steering_path!r}: use one of {', '.join(PATHS)}")
+        if async_scheduling and steering_path != "ingraph":
+            raise EngineError("async_scheduling=True needs steering_path='ingraph': the eager "
+                              "hooks cannot drop the extra forward async scheduling gives a "
+                              "request that stopped, and a capture would average it in")
+        self.async_scheduling = bool(async_scheduling)
         self.steering_path = steering_path
         os.environ.setdefault(V2_ENV, "0")
         # Spawn, never fork: any torch.cuda call in this process (even is_available) poisons a
@@ -146,10 +151,12 @@ class SteeringEngine:
                       "max_num_seqs": max_num_seqs, "enable_prefix_caching": enable_prefix_caching,
                       "load_format": load_format, "seed": seed, "worker_extension_cls": EXTENSION,
                       # Async scheduling plans step N+1 before step N's tokens are known, so a
-                      # request that just stopped may be forwarded once more; a capture would
-                      # average that row in. Off as a precaution (the span check in _capture
-                      # refuses such a row either way); its throughput cost is in bench/.
-                      "async_scheduling": False}
+                      # request that just stopped on a sampled stop token is forwarded once
+                      # more; a capture would average that row in. The in-graph path holds
+                      # each request's latest response row back and drops that extra forward
+                      # (ingraph_op); the eager hooks cannot, so it is off there (the span
+                      # check in _capture refuses such a row either way).
+                      "async_scheduling": self.async_scheduling}
         if max_num_batched_tokens is not None:
             # vLLM requires max_num_batched_tokens >= max_num_seqs; a small token budget (to
             # force chunked prefill) implies fewer concurrent sequences.
@@ -164,6 +171,7 @@ class SteeringEngine:
             kwargs["worker_extension_cls"] = INGRAPH_EXTENSION
             extra = dict(llm_kwargs.pop("additional_config", None) or {})
             extra[ig.CONFIG_KEY] = ig.config(max_num_seqs=kwargs["max_num_seqs"],
+                                              async_scheduling=self.async_scheduling,
                                               **(ingraph or {}))
             kwargs["additional_config"] = extra
         kwargs.update(llm_kwargs)
@@ -308,7 +316,7 @@ class SteeringEngine:
     def _check_scheduler(self) -> None:
         sched = getattr(getattr(self._llm.llm_engine, "vllm_config", None), "scheduler_config",
                         None)
-        if getattr(sched, "async_scheduling", False):
+        if getattr(sched, "async_scheduling", False) and not self.async_scheduling:
             raise EngineError("vLLM's async scheduling is on: it can forward a request once "
                               "more after it stops, and captures would average that row in; "
                               "start the engine with async_scheduling=False")
@@ -389,7 +397,11 @@ class SteeringEngine:
             raise
         lap("generate_s")
         active = [uid for uid, s in zip(uids, specs) if s is not None and s.active]
-        per_rank = self._rpc("steering_collect", active) if active else [{}]
+        # Positions each request forwarded: [0, P + generated - 1), the last sampled token is
+        # never fed back (async scheduling may forward it once more; the worker drops that row)
+        ends = {uid: len(out.prompt_token_ids) + max(len(out.outputs[0].token_ids), 1) - 1
+                for uid, out, s in zip(uids, outs, specs) if s is not None and s.active}
+        per_rank = self._rpc("steering_collect", active, ends) if active else [{}]
         lap("collect_s")
         results = self._results(outs, specs, uids, per_rank)
         lap("results_s")

@@ -410,8 +410,10 @@ class SteeringExtension:
             state.release(req)
         state.seen.clear()
 
-    def steering_collect(self, uids: list[str]) -> dict[str, dict]:
-        """Results of finished requests by uid; frees their device slots."""
+    def steering_collect(self, uids: list[str],
+                         ends: dict[str, int] | None = None) -> dict[str, dict]:
+        """Results of finished requests by uid; frees their device slots. ``ends`` (positions
+        each request forwarded) matters only under async scheduling, which this path refuses."""
         state: _State = self._chatspace
         state.finish_step()
         out = {}

@@ -45,11 +45,13 @@ ATTR = "_chatspace_ingraph"  # the runner's state attribute
 
 
 def config(*, max_num_seqs: int, rows: int = 64, pool: int = 2048, kmax: int = 8,
-           slots: int | None = None) -> dict:
-    """The engine's request for the in-graph path; hashed into vLLM's compile-cache key."""
+           slots: int | None = None, async_scheduling: bool = False) -> dict:
+    """The engine's request for the in-graph path; hashed into vLLM's compile-cache key.
+    ``async_scheduling``: hold each capture request's latest response row back (``pend``),
+    so the extra forward vLLM's async scheduler gives a request that stopped is dropped."""
     return {"salt": iop.SALT, "rows": int(rows), "pool": int(pool), "kmax": int(kmax),
             "slots": int(slots if slots is not None else 3 * max_num_seqs + 16),
-            "pslots": int(2 * max_num_seqs + 16)}
+            "pslots": int(2 * max_num_seqs + 16), "async": bool(async_scheduling)}
 
 
 class InGraphError(RuntimeError):
@@ -78,6 +80,9 @@ class _Buffers(torch.nn.Module):
         self.register_buffer("acc", torch.zeros(cfg["slots"] + 1, layers, hidden, **f32),
                              persistent=False)
         self.register_buffer("hits", torch.zeros(cfg["pslots"] + 1, **i32), persistent=False)
+        # The held-back latest response row per request (async scheduling only; else a dummy)
+        self.register_buffer("pend", torch.zeros(cfg["pslots"] + 1 if cfg.get("async") else 1,
+                                                 layers, hidden, **f32), persistent=False)
 
 
 def _patch_layer(layer: torch.nn.Module, index: int, bufs: _Buffers, kmax: int) -> None:
@@ -87,7 +92,7 @@ def _patch_layer(layer: torch.nn.Module, index: int, bufs: _Buffers, kmax: int) 
         delta, residual = orig(*args, **kwargs)
         iop.steer_capture(delta, residual, bufs.srow, bufs.pslot, bufs.cslot, bufs.start,
                           bufs.nops, bufs.pool_vec, bufs.pool_scal, bufs.acc, bufs.hits,
-                          index, kmax)
+                          bufs.pend, index, kmax)
         return delta, residual
 
     layer.forward = forward
@@ -367,7 +372,12 @@ class _Steps:
         cslot[:n, 0] = np.where(pos < plen, slots[:, 0], 0)
         cslot[:n, 1] = np.where(pos >= plen, slots[:, 1], 0)
         cslot[:n, 2] = np.where(pos == plen - 1, slots[:, 2], 0)
-        cslot[:n, 3] = 0
+        cslot[:n, 3:] = 0
+        if self.cfg.get("async"):  # each capture request's last row of the step, if a response
+            last = r1[act] - 1  # row, is held back in its pend row (see ingraph_op)
+            q_act = ps[act]
+            resp = (p0[act] + lens[act] - 1 >= self.a_plen[q_act]) & (self.a_slot[q_act, 1] > 0)
+            cslot[last[resp], 4] = q_act[resp]
         # per-request counts and covered positions, built-in spans, vectorised
         q, a0, a1, plen_q = ps[act], p0[act], p0[act] + lens[act], self.a_plen[ps[act]]
         lo = np.stack([np.maximum(a0, 0), np.maximum(a0, plen_q), np.maximum(a0, plen_q - 1)], 1)
@@ -424,7 +434,11 @@ class _Steps:
                 self.device, non_blocking=nb)
             sums = self.bufs.acc.index_select(0, cidx)
             self.bufs.acc.index_fill_(0, cidx, 0)
-        pending = {"hits": hits, "sums": sums, "host": None}
+        held = None
+        if self.cfg.get("async"):
+            held = self.bufs.pend.index_select(0, pidx)
+            self.bufs.pend.index_fill_(0, pidx, 0)
+        pending = {"hits": hits, "sums": sums, "held": held, "host": None}
         for j, req in enumerate(reqs):
             q = req.pslot
             req.rows_seen = int(self.a_steps[q])
@@ -452,17 +466,23 @@ class _Steps:
         hits = torch.cat([p["hits"] for p in todo]).cpu()
         blocks = [p["sums"] for p in todo if p["sums"] is not None]
         sums = torch.cat(blocks).cpu() if blocks else None
+        helds = [p["held"] for p in todo if p["held"] is not None]
+        held = torch.cat(helds).cpu() if helds else None
         h = s = 0
         for p in todo:
             nh = p["hits"].shape[0]
             ns = 0 if p["sums"] is None else p["sums"].shape[0]
-            p["host"] = (hits[h:h + nh], None if sums is None else sums[s:s + ns])
-            p["hits"] = p["sums"] = None  # the device copies go back to the allocator
+            p["host"] = (hits[h:h + nh], None if sums is None else sums[s:s + ns],
+                         None if p["held"] is None else held[h:h + nh])
+            p["hits"] = p["sums"] = p["held"] = None  # device copies back to the allocator
             h, s = h + nh, s + ns
-        return (hits.numel() * hits.element_size()
-                + (0 if sums is None else sums.numel() * sums.element_size()))
+        return sum(t.numel() * t.element_size() for t in (hits, sums, held) if t is not None)
 
-    def collect(self, uids: list[str], rank: int) -> dict[str, dict | None]:
+    def collect(self, uids: list[str], rank: int,
+                ends: dict[str, int] | None = None) -> dict[str, dict | None]:
+        """Each request's result; ``ends``: uid -> positions it really forwarded (prompt +
+        generated − 1), which drops the extra forward async scheduling gives a stopped
+        request from its response span."""
         t0 = time.perf_counter()
         want = set(uids)
         still = [r for r in self.live.values() if r.uid in want]
@@ -474,12 +494,13 @@ class _Steps:
         pendings = {id(r.result[0]): r.result[0] for r in reqs.values()
                     if r is not None and r.result is not None}
         self.timing["host_bytes"] += self._to_host(list(pendings.values()))
-        out = {uid: None if req is None else self._result(req, rank)
+        ends = ends or {}
+        out = {uid: None if req is None else self._result(req, rank, ends.get(uid))
                for uid, req in reqs.items()}
         self.timing["collect_s"] += time.perf_counter() - t0
         return out
 
-    def _result(self, req: _Req, rank: int) -> dict:
+    def _result(self, req: _Req, rank: int, end: int | None = None) -> dict:
         errors = list(req.errors)
         hits = 0
         if req.result is not None:
@@ -491,16 +512,26 @@ class _Steps:
                               "of this request: the compiled graph lacks the op at some layer")
         out = {"hook_calls": hits, "errors": errors}
         if req.spec.capture is not None and rank == 0 and req.result is not None:
-            pending, _, caps = req.result
-            sums = pending["host"][1]
+            pending, j, caps = req.result
+            _, sums, held = pending["host"]
             layers = list(req.cap_layers)
             means, counts, positions = {}, {}, {}
             for name, k in caps:
+                total = sums[k]
+                if name == "response" and held is not None and req.counts[name]:
+                    # The held-back last row: part of the span, unless it lies past what the
+                    # request forwarded (async scheduling's extra step after a stop token).
+                    lo, hi = req.covered[name]
+                    if end is not None and hi > end:
+                        req.counts[name] -= hi - end
+                        req.covered[name] = [lo, end]
+                    else:
+                        total = total + held[j]
                 n = req.counts[name]
                 counts[name] = n
                 if n == 0:
                     continue
-                means[name] = pack(sums[k, layers] / n)
+                means[name] = pack(total[layers] / n)
                 positions[name] = tuple(req.covered[name])
             out.update(layers=layers, means=means, counts=counts, positions=positions)
         return out
@@ -533,9 +564,10 @@ class InGraphExtension(SteeringExtension):
     def steering_reset(self) -> None:
         self._chatspace_steps.reset()
 
-    def steering_collect(self, uids: list[str]) -> dict[str, dict]:
+    def steering_collect(self, uids: list[str],
+                         ends: dict[str, int] | None = None) -> dict[str, dict]:
         rank = int(getattr(self, "rank", 0) or 0)
-        return self._chatspace_steps.collect(uids, rank)
+        return self._chatspace_steps.collect(uids, rank, ends)
 
     def steering_ingraph_stats(self) -> dict:
         s = self._chatspace_steps

@@ -18,6 +18,12 @@ One call per decoder layer, on vLLM's ``(delta, residual)`` pair (``h = delta + 
    ``(û, 0, 1, scale − 1, −inf, inf)``. Adjacent adds are pre-summed, as :mod:`.ops` does.
 2. capture: ``acc[cslot[t, c], l] += float(delta'[t]) + float(residual[t])`` for each of the
    token's capture columns (slot 0 = the dump slot: padded rows and tokens outside any span).
+   Under vLLM's async scheduling a request that stops on a sampled stop token is forwarded
+   once more (its step was planned before the token was known), so the latest response row
+   of a request is held back: column 4 names the request's row of ``pend``; that row's ``x``
+   replaces what ``pend`` held, and the held row goes into the response sum instead. When
+   the request ends the host adds ``pend`` to the response sum, or drops it if it was that
+   extra forward (:mod:`.ingraph`). Column 4 is 0 under synchronous scheduling.
 3. proof: ``hits[pslot[t]] += 1`` — ``pslot`` is set on each request's first row of a step
    only, so per request this counts (step, layer) pairs; the engine checks it equals
    steps × layers, so an op dropped from the graph (a stale compile
@@ -37,7 +43,7 @@ import torch
 
 LIB = "chatspace"
 NAME = "steer_capture"
-NCOL = 4  # capture columns per token: prompt, response, last_prompt, named spans
+NCOL = 5  # capture columns per token: prompt, response, last_prompt, named spans, pend row
 TOK = 8  # tokens per kernel program (capture sums stay in registers across a run of one slot)
 NSCAL = 5  # a, m, coef, lo, hi
 # Salted into vLLM's compile-cache key (additional_config): a cached graph built from other
@@ -48,7 +54,7 @@ SALT = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 def reference(delta: torch.Tensor, residual: torch.Tensor, srow: torch.Tensor,
               pslot: torch.Tensor, cslot: torch.Tensor, start: torch.Tensor, nops: torch.Tensor,
               pool_vec: torch.Tensor, pool_scal: torch.Tensor, acc: torch.Tensor,
-              hits: torch.Tensor, layer: int, kmax: int) -> None:
+              hits: torch.Tensor, pend: torch.Tensor, layer: int, kmax: int) -> None:
     """Pure-torch op (fixed shapes, no host sync): ``kmax`` op steps, masked per token."""
     n = delta.shape[0]
     row = srow[:n].long()
@@ -67,8 +73,16 @@ def reference(delta: torch.Tensor, residual: torch.Tensor, srow: torch.Tensor,
     delta.copy_((d32 + dh).to(delta.dtype))  # untouched rows: dh = 0, delta unchanged
     x = delta.float() + residual.float()
     acc_l = acc[:, layer]
-    for c in range(cslot.shape[1]):
-        acc_l.index_add_(0, cslot[:n, c].long(), x)
+    xr = x
+    if pend.shape[0] > 1:  # async scheduling: hold each request's latest response row back
+        s4 = cslot[:n, 4].long()
+        pend_l = pend[:, layer]
+        xr = torch.where((s4 > 0).unsqueeze(-1), pend_l.index_select(0, s4), x)
+        keep = pend_l[0].clone()  # row 0 is a dump row: rows without a pend slot land there
+        pend_l.index_copy_(0, s4, x)
+        pend_l[0] = keep
+    for c in range(4):
+        acc_l.index_add_(0, cslot[:n, c].long(), xr if c == 1 else x)
     hits.index_add_(0, pslot[:n].long(), torch.ones(n, dtype=hits.dtype, device=hits.device))
 
 
@@ -87,9 +101,10 @@ else:
 
     @triton.jit
     def steer_capture_kernel(delta_ptr, res_ptr, srow_ptr, pslot_ptr, cslot_ptr, start_ptr,
-                             nops_ptr, vec_ptr, scal_ptr, acc_ptr, hits_ptr,
+                             nops_ptr, vec_ptr, scal_ptr, acc_ptr, hits_ptr, pend_ptr,
                              n, layer, H, L, R1, stride_d, stride_r,
-                             BLOCK: tl.constexpr, NS: tl.constexpr, TOK: tl.constexpr):
+                             BLOCK: tl.constexpr, NS: tl.constexpr, TOK: tl.constexpr,
+                             NC: tl.constexpr):
         # TOK consecutive tokens per program: a capture column's sum is kept in registers
         # while its slot stays the same (a prompt's rows are consecutive) and flushed with one
         # atomic add when it changes, instead of one atomic add per token.
@@ -111,10 +126,11 @@ else:
                 ps = tl.load(pslot_ptr + t)
                 if ps > 0:  # proof: one count per request, step and layer (its first row)
                     tl.atomic_add(hits_ptr + ps, 1, sem="relaxed")
-                s0 = tl.load(cslot_ptr + t * 4)
-                s1 = tl.load(cslot_ptr + t * 4 + 1)
-                s2 = tl.load(cslot_ptr + t * 4 + 2)
-                s3 = tl.load(cslot_ptr + t * 4 + 3)
+                s0 = tl.load(cslot_ptr + t * NC)
+                s1 = tl.load(cslot_ptr + t * NC + 1)
+                s2 = tl.load(cslot_ptr + t * NC + 2)
+                s3 = tl.load(cslot_ptr + t * NC + 3)
+                s4 = tl.load(cslot_ptr + t * NC + 4)
                 nk = tl.load(nops_ptr + layer * R1 + row)
                 x = tl.zeros([BLOCK], dtype=tl.float32)
                 if (nk > 0) | ((s0 | s1 | s2 | s3) > 0):
@@ -143,6 +159,11 @@ else:
                         nd = (d + dh).to(d_raw.dtype, fp_downcast_rounding="rtne")
                         tl.store(delta_ptr + t * stride_d + offs, nd, mask=m)
                         x = nd.to(tl.float32) + r
+                xr = x
+                if s4 > 0:  # async scheduling: the response sum gets the held-back row
+                    pp = pend_ptr + (s4.to(tl.int64) * L + layer) * H + offs
+                    xr = tl.load(pp, mask=m, other=0.0)
+                    tl.store(pp, x, mask=m)
                 if s0 != cur0:
                     _flush(acc_ptr, cur0, a0, layer, L, H, offs, m)
                     a0 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -152,7 +173,7 @@ else:
                     _flush(acc_ptr, cur1, a1, layer, L, H, offs, m)
                     a1 = tl.zeros([BLOCK], dtype=tl.float32)
                     cur1 = s1
-                a1 += x
+                a1 += xr
                 if s2 != cur2:
                     _flush(acc_ptr, cur2, a2, layer, L, H, offs, m)
                     a2 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -177,7 +198,7 @@ def _kernel():
 
 
 def triton_impl(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
-                hits, layer: int, kmax: int) -> None:
+                hits, pend, layer: int, kmax: int) -> None:
     n, hidden = delta.shape
     if n == 0:
         return
@@ -188,9 +209,9 @@ def triton_impl(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool
     # the CUDA graph's static size, known when the graph is captured.
     tok = 1 if n <= 1024 else TOK
     _kernel()[(triton.cdiv(n, tok),)](
-        delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits, n,
-        layer, hidden, acc.shape[1], start.shape[1], delta.stride(0), residual.stride(0),
-        BLOCK=block, NS=NSCAL, TOK=tok, num_warps=warps)
+        delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits, pend,
+        n, layer, hidden, acc.shape[1], start.shape[1], delta.stride(0), residual.stride(0),
+        BLOCK=block, NS=NSCAL, TOK=tok, NC=NCOL, num_warps=warps)
 
 
 def _register():
@@ -199,23 +220,24 @@ def _register():
         return getattr(ns, NAME)
 
     @torch.library.custom_op(f"{LIB}::{NAME}",
-                             mutates_args=("delta", "acc", "hits"))
+                             mutates_args=("delta", "acc", "hits", "pend"))
     def steer_capture(delta: torch.Tensor, residual: torch.Tensor, srow: torch.Tensor,
                       pslot: torch.Tensor, cslot: torch.Tensor, start: torch.Tensor,
                       nops: torch.Tensor, pool_vec: torch.Tensor, pool_scal: torch.Tensor,
-                      acc: torch.Tensor, hits: torch.Tensor, layer: int, kmax: int) -> None:
+                      acc: torch.Tensor, hits: torch.Tensor, pend: torch.Tensor, layer: int,
+                      kmax: int) -> None:
         reference(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
-                  hits, layer, kmax)
+                  hits, pend, layer, kmax)
 
     @steer_capture.register_kernel("cuda")
     def _cuda(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits,
-              layer, kmax):
+              pend, layer, kmax):
         triton_impl(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc,
-                    hits, layer, kmax)
+                    hits, pend, layer, kmax)
 
     @steer_capture.register_fake
     def _fake(delta, residual, srow, pslot, cslot, start, nops, pool_vec, pool_scal, acc, hits,
-              layer, kmax):
+              pend, layer, kmax):
         return None
 
     return getattr(torch.ops, LIB).steer_capture
