@@ -15,7 +15,14 @@ pytest.importorskip("vllm")
 
 from workers.engine.engine import SteeringEngine
 from workers.engine.hf import rel_err
-from workers.engine.spec import CaptureSpec, RequestSpec, SamplingOptions, SpecError, SteerOp
+from workers.engine.spec import (
+    CaptureSpec,
+    RequestSpec,
+    SamplingOptions,
+    Span,
+    SpecError,
+    SteerOp,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -38,8 +45,14 @@ def _run(path, steering_path):
                              capture=CaptureSpec(layers=(0, 3))),
                  RequestSpec(steer=(SteerOp("add", 1, v, scale=3.0),), capture=cap)]
         res = eng.generate(prompts, SamplingOptions(max_tokens=6, ignore_eos=True), specs)
-        caps = eng.capture([p + r.token_ids for p, r in zip(prompts, res)], specs[1],
-                           prompt_lens=[len(p) for p in prompts])
+        seqs = [p + r.token_ids for p, r in zip(prompts, res)]
+        caps = eng.capture(seqs, specs[1], prompt_lens=[len(p) for p in prompts])
+        # the pipeline's exact re-read: overlapping named spans, built-in spans off
+        named = [RequestSpec(steer=specs[2].steer, capture=CaptureSpec(
+            prompt=False, response=False, last_prompt=False,
+            spans=(Span("p", 0, len(p)), Span("lp", len(p) - 1, len(p)),
+                   Span("r", len(p), len(q))))) for p, q in zip(prompts, seqs)]
+        caps += eng.capture(seqs, named)
         if steering_path == "ingraph":
             with pytest.raises(SpecError, match="raw"):
                 eng.generate([[1, 2, 3]], SamplingOptions(max_tokens=1),
@@ -49,10 +62,17 @@ def _run(path, steering_path):
         eng.shutdown()
 
 
-def test_ingraph_matches_eager_hooks(tiny_model):
+def test_ingraph_matches_eager_hooks(tiny_model, monkeypatch):
+    from workers.engine.extension import SHM_DIR
+
     path = tiny_model("qwen3")
+    # every capture's means cross through a /dev/shm file (as large batches do on a GPU),
+    # and the engine deletes each file once it mapped the means
+    monkeypatch.setenv("CHATSPACE_ENGINE_SHIP_MIN_BYTES", "0")
+    before = set(SHM_DIR.glob("chatspace-*.f32"))
     name, got, got_caps = _run(path, "ingraph")
     assert name == "ingraph"
+    assert set(SHM_DIR.glob("chatspace-*.f32")) <= before, "shipped files left in /dev/shm"
     _, ref, ref_caps = _run(path, "eager")
     for i, (a, b) in enumerate(zip(got, ref)):
         assert a.token_ids == b.token_ids, f"request {i}: tokens differ"
@@ -64,6 +84,8 @@ def test_ingraph_matches_eager_hooks(tiny_model):
         assert a.capture.layers == b.capture.layers
         for span, mean in b.capture.means.items():
             assert rel_err(a.capture.means[span], mean) < REL, (i, span)
+    assert len(got_caps) == len(ref_caps) == 12
     for a, b in zip(got_caps, ref_caps):
+        assert a.counts == b.counts
         for span, mean in b.means.items():
             assert rel_err(a.means[span], mean) < REL

@@ -33,13 +33,22 @@ import torch
 
 from workers.engine import ingraph_op as iop
 from workers.engine import runner as rn
-from workers.engine.extension import WIRE_KEY, SteeringExtension, _describe, _Req, pack
+from workers.engine.extension import (
+    WIRE_KEY,
+    SteeringExtension,
+    _describe,
+    _Req,
+    ship,
+    sweep_shipped,
+)
 from workers.engine.ops import CompiledOps
 from workers.engine.spec import RequestSpec, SteerOp
 
 log = logging.getLogger(__name__)
 
 _BUILTIN = ("prompt", "response", "last_prompt")  # capture columns 0-2; named spans use 3
+# and, in a request that does not capture a built-in span, that span's column too: so the
+# exact re-read's named prompt / last_prompt / response spans (which overlap) each get one
 CONFIG_KEY = "chatspace_ingraph"  # vllm_config.additional_config[CONFIG_KEY]
 ATTR = "_chatspace_ingraph"  # the runner's state attribute
 
@@ -241,6 +250,7 @@ class _Steps:
 
     def reset(self) -> None:
         """Between generate calls (nothing in flight): forget requests and steering rows."""
+        sweep_shipped()
         for req in list(self.live.values()):
             self._finish([req])
         self.seen.clear()
@@ -312,6 +322,9 @@ class _Steps:
         self.a_row[q], self.a_plen[q], self.a_steps[q] = req.row, n_prompt, 0
         self.a_cnt[q], self.a_lo[q], self.a_hi[q] = 0, np.iinfo(np.int64).max, 0
         self.a_slot[q] = [req.slots.get(k, 0) for k in _BUILTIN]
+        free = [3] + [c for c, k in enumerate(_BUILTIN) if k not in req.slots]
+        named = [k for k in req.spans if k not in _BUILTIN]
+        req.span_col = {k: free[i % len(free)] for i, k in enumerate(named)}
         if cap is not None and cap.spans:
             self.custom[q] = req
         self.by_uid[req.uid] = req
@@ -408,10 +421,12 @@ class _Steps:
             if hi <= lo:
                 continue
             rows = slice(r0 + lo - p0, r0 + hi - p0)
-            if cslot[rows, 3].any():
-                raise InGraphError("named capture spans overlap: the in-graph path takes "
-                                   "non-overlapping named spans (overlapping needs eager)")
-            cslot[rows, 3] = req.slots[name]
+            col = req.span_col[name]
+            if cslot[rows, col].any():
+                raise InGraphError(f"more than {len(set(req.span_col.values()))} overlapping "
+                                   "capture spans in one request: the in-graph path has that "
+                                   "many capture columns for it (overlapping more needs eager)")
+            cslot[rows, col] = req.slots[name]
             req.counts[name] += hi - lo
             cov = req.covered.setdefault(name, [lo, hi])
             cov[0], cov[1] = min(cov[0], lo), max(cov[1], hi)
@@ -435,9 +450,11 @@ class _Steps:
             sums = self.bufs.acc.index_select(0, cidx)
             self.bufs.acc.index_fill_(0, cidx, 0)
         held = None
-        if self.cfg.get("async"):
-            held = self.bufs.pend.index_select(0, pidx)
-            self.bufs.pend.index_fill_(0, pidx, 0)
+        if self.cfg.get("async") and cap:  # pend rows of requests capturing a response only
+            held_q = [req.pslot if "response" in req.slots else 0 for req in reqs]
+            hidx = torch.tensor(held_q, dtype=torch.long).to(self.device, non_blocking=nb)
+            held = self.bufs.pend.index_select(0, hidx)
+            self.bufs.pend.index_fill_(0, hidx, 0)  # row 0: a dump row, zeroing it is harmless
         pending = {"hits": hits, "sums": sums, "held": held, "host": None}
         for j, req in enumerate(reqs):
             q = req.pslot
@@ -468,14 +485,15 @@ class _Steps:
         sums = torch.cat(blocks).cpu() if blocks else None
         helds = [p["held"] for p in todo if p["held"] is not None]
         held = torch.cat(helds).cpu() if helds else None
-        h = s = 0
+        h = s = e = 0
         for p in todo:
             nh = p["hits"].shape[0]
             ns = 0 if p["sums"] is None else p["sums"].shape[0]
+            ne = 0 if p["held"] is None else p["held"].shape[0]
             p["host"] = (hits[h:h + nh], None if sums is None else sums[s:s + ns],
-                         None if p["held"] is None else held[h:h + nh])
+                         None if p["held"] is None else held[e:e + ne])
             p["hits"] = p["sums"] = p["held"] = None  # device copies back to the allocator
-            h, s = h + nh, s + ns
+            h, s, e = h + nh, s + ns, e + ne
         return sum(t.numel() * t.element_size() for t in (hits, sums, held) if t is not None)
 
     def collect(self, uids: list[str], rank: int,
@@ -495,12 +513,21 @@ class _Steps:
                     if r is not None and r.result is not None}
         self.timing["host_bytes"] += self._to_host(list(pendings.values()))
         ends = ends or {}
-        out = {uid: None if req is None else self._result(req, rank, ends.get(uid))
+        parts: list[tuple[torch.Tensor, int]] = []  # (sum, rows) of every mean, shipped at once
+        out = {uid: None if req is None else self._result(req, rank, ends.get(uid), parts)
                for uid, req in reqs.items()}
+        if parts:
+            shipped = ship(parts)
+            for res in out.values():
+                if res is not None and "means" in res:
+                    res["means"] = {k: shipped[i] for k, i in res["means"].items()}
         self.timing["collect_s"] += time.perf_counter() - t0
         return out
 
-    def _result(self, req: _Req, rank: int, end: int | None = None) -> dict:
+    def _result(self, req: _Req, rank: int, end: int | None,
+                parts: list[tuple[torch.Tensor, int]]) -> dict:
+        """One request's result; its means are indices into ``parts`` (shipped by
+        :meth:`collect` in one go)."""
         errors = list(req.errors)
         hits = 0
         if req.result is not None:
@@ -531,7 +558,8 @@ class _Steps:
                 counts[name] = n
                 if n == 0:
                     continue
-                means[name] = pack(total[layers] / n)
+                means[name] = len(parts)
+                parts.append((total if len(layers) == total.shape[0] else total[layers], n))
                 positions[name] = tuple(req.covered[name])
             out.update(layers=layers, means=means, counts=counts, positions=positions)
         return out
