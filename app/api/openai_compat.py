@@ -32,6 +32,7 @@ from app.api.deps import Auth, SessionDep, SettingsDep
 from app.api.views import aware
 from app.judge.pool import (
     BadRequest,
+    ChatRequest,
     PoolReply,
     PoolRequest,
     parse_chat_request,
@@ -48,10 +49,31 @@ RETRY_NO_WORKER_S = 5
 
 
 def _error(status: int, message: str, *, type_: str, param: str | None = None,
-           retry_after: int | None = None) -> JSONResponse:
+           hint: str | None = None, retry_after: int | None = None) -> JSONResponse:
+    """OpenAI's error body, which the service's one error shape (``message``, ``field``,
+    ``hint`` beside ``error``) extends: OpenAI clients read ``error.message``, ours the rest."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": {"message": message, "type": type_, "param": param,
-                                   "code": status}}, status_code=status, headers=headers)
+                                   "code": status},
+                         "message": message, "field": param, "hint": hint},
+                        status_code=status, headers=headers)
+
+
+def _inline(schema: dict) -> dict:
+    """A pydantic JSON schema with its ``$defs`` inlined (OpenAPI resolves no local $defs)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(dict(defs[ref.rsplit("/", 1)[-1]]))
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
 
 
 def _alive(w: Worker, stale_s: float, now: datetime) -> bool:
@@ -106,7 +128,10 @@ def _redis(app):
     return client
 
 
-@router.post("/chat/completions", responses={
+@router.post("/chat/completions", openapi_extra={"requestBody": {
+    "required": True,
+    "content": {"application/json": {"schema": _inline(ChatRequest.model_json_schema())}}}},
+    responses={
     400: {"description": "a request the pool does not serve as asked"},
     404: {"description": "no judge worker serves this model"},
     503: {"description": "no live judge worker, no reply in time, or no Redis"}})
@@ -124,19 +149,20 @@ async def chat_completions(request: Request) -> JSONResponse:
         return _error(400, exc.message, type_="invalid_request_error", param=exc.param)
     model = chat.model
     if redis_url(settings) is None:
-        return _error(503, "the judge pool needs Redis: set CHATSPACE_BROKER_URL=redis://... "
-                      "(or CHATSPACE_JUDGE_QUEUE_URL) on the API and the judge workers",
-                      type_="service_unavailable", retry_after=RETRY_NO_WORKER_S)
+        return _error(503, "the judge pool needs Redis, and this API's broker is not Redis",
+                      type_="service_unavailable", retry_after=RETRY_NO_WORKER_S,
+                      hint="set CHATSPACE_BROKER_URL=redis://... (or "
+                           "CHATSPACE_JUDGE_QUEUE_URL) for the API and the judge workers")
     live, known = await run_in_threadpool(_pool_of, request.app.state.session_factory, model,
                                           settings.worker_stale_s)
     start = f"start one: chatspace-jobs worker --judge-model {model}"
     if not known:
         return _error(404, f"no judge worker serves model {model!r}; {start}",
-                      type_="not_found_error", param="model")
+                      type_="not_found_error", param="model", hint=start)
     if not live:
         return _error(503, f"no live judge worker serves model {model!r} (its workers "
                       f"stopped or stopped heartbeating); {start}",
-                      type_="service_unavailable", param="model",
+                      type_="service_unavailable", param="model", hint=start,
                       retry_after=RETRY_NO_WORKER_S)
     wait_s = float(settings.judge.pool_wait_s)
     req = PoolRequest.from_chat(chat, wait_s=wait_s, default_max_tokens=DEFAULT_MAX_TOKENS)
@@ -152,7 +178,8 @@ async def chat_completions(request: Request) -> JSONResponse:
         who = ", ".join(f"{w['name']} ({w['state']})" for w in live)
         return _error(503, f"no reply from the judge workers of {model!r} within {wait_s:g} s "
                       f"(workers: {who}); they may be loading the model or busy",
-                      type_="service_unavailable", retry_after=1)
+                      type_="service_unavailable", retry_after=1,
+                      hint="the client may ask again; more judge workers serve more")
     reply = PoolReply.from_json(got[1])
     if reply.error:
         status = 400 if reply.error_kind == "request" else 500

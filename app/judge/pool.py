@@ -117,7 +117,7 @@ def parse_chat_request(body) -> ChatRequest:
         return ChatRequest.model_validate(body)
     except ValidationError as exc:
         # a field the pool does not serve says more than what is missing beside it
-        err = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")[0]
+        err = min(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")
         loc = ".".join(str(x) for x in err.get("loc", ()))
         msg = err.get("msg", "invalid request")
         if err.get("type") == "extra_forbidden":

@@ -99,6 +99,12 @@ def test_no_worker_ever_is_a_404_that_the_judge_stage_does_not_retry(api):
     err = info.value.body
     assert err["type"] == "not_found_error" and err["param"] == "model"
     assert "chatspace-jobs worker --judge-model never-served" in err["message"]
+    raw = httpx.post(api.url + "/v1/chat/completions", headers={"Authorization":
+                     f"Bearer {TOKEN}"}, json={"model": "never-served", "messages": [
+                         {"role": "user", "content": "hi"}]})
+    both = raw.json()  # OpenAI's error, extended by the service's one error shape
+    assert both["error"]["message"] == both["message"] and both["field"] == "model"
+    assert both["hint"] == "start one: chatspace-jobs worker --judge-model never-served"
     with pytest.raises(JudgeRejected, match="--judge-model never-served"):
         judge_persona(lambda: OpenAIBackend(model="never-served", base_url=api.url + "/v1",
                                             api_key=TOKEN, structured_outputs=True),

@@ -221,3 +221,13 @@ def test_an_engine_death_restarts_it_and_fails_the_group(tokenizer):
     assert [r.error_kind for r in replies] == ["worker", "worker"] and restarts == [1]
     assert json.loads(replies[0].to_json())["worker"] == "w1"
     assert PoolReply.from_json(replies[0].to_json()) == replies[0]
+
+
+def test_a_judge_worker_serves_only_its_judge_model():
+    from workers.cli import judge_worker_command, run_worker
+
+    for other in ({"model": "tiny:qwen3"}, {"queues": "q1"}, {"max_jobs": 2},
+                  {"exit_when_idle": True}):
+        with pytest.raises(ValueError, match="serves only its judge model"):
+            run_worker(judge_model="tiny:qwen3", gpus="", **other)
+    assert judge_worker_command()[1:] == ["-m", "workers.judgeworker"]
