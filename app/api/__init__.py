@@ -1,4 +1,5 @@
-"""The status API: submit and follow jobs, browse artifacts, drive workers, health.
+"""The status API: submit and follow jobs, browse artifacts, drive workers, health, and the
+judge pool's OpenAI-compatible ``/v1`` routes (:mod:`app.api.openai_compat`).
 
 ``create_app`` takes what the API must not import itself: ``enqueue(job_id, *, reason)``
 (the Celery dispatch lives in ``workers/``; ``reason`` is "submitted" or "retry" and lands in
