@@ -45,6 +45,14 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def generation_prompt(tokenizer, messages: list[dict], *,
+                      template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a chat (``[{"role", "content"}]``) rendered by the model's template up
+    to the assistant's turn: what a chat server generates from (the judge pool)."""
+    return _encode(tokenizer, _render(tokenizer, messages, generation=True,
+                                      kwargs=template_kwargs or {}))
+
+
 def model_display_name(model: str) -> str:
     """The name ``{model_name}`` becomes in prompts (``You are {model_name}.``), chosen as
     the public generator chooses its short name (safety-research/assistant-axis

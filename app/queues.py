@@ -1,4 +1,5 @@
-"""Queue names: one Celery queue per (model, dtype) worker pool, plus one for any-model workers.
+"""Queue names: one Celery queue per (model, dtype) worker pool, plus one for any-model workers,
+and one judge-pool queue per judge model (a Redis list, not Celery: :mod:`app.judge.pool`).
 
 Lives in app/ because the API records a job's queue at submit time; Celery itself lives only
 in workers/.
@@ -11,6 +12,9 @@ import re
 from app.settings import get_settings
 
 ANY_QUEUE = "chatspace.any"
+# The model name is kept verbatim after the colon (Redis keys take any bytes); no job pool's
+# name has a colon, so the two never meet in the broker's Redis database.
+JUDGE_QUEUE_PREFIX = "chatspace.judge:"
 
 
 def queue_name(model: str, dtype: str) -> str:
@@ -28,3 +32,14 @@ def worker_queues(model: str | None, dtype: str | None,
     else:
         out.append(ANY_QUEUE)
     return list(dict.fromkeys(out))
+
+
+def judge_queue(model: str) -> str:
+    """The judge pool of ``model``: the Redis list its judge workers pop requests from, and
+    the queue name those workers report in their Worker row (how the API finds them)."""
+    return JUDGE_QUEUE_PREFIX + model
+
+
+def judge_model_of(queue: str) -> str | None:
+    """The model of a judge-pool queue name, None for any other queue."""
+    return queue[len(JUDGE_QUEUE_PREFIX):] if queue.startswith(JUDGE_QUEUE_PREFIX) else None

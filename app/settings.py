@@ -104,6 +104,12 @@ class JudgeSettings(BaseSettings):
     # Send the scale as a guided choice (vLLM's ``structured_outputs``); only for servers
     # that accept it: OpenAI itself rejects unknown fields.
     structured_outputs: bool = False
+    # The judge pool (``--judge workers:MODEL``): judge workers of this service keep MODEL warm
+    # and answer the API's OpenAI-compatible /v1/chat/completions through Redis lists
+    # (app/judge/pool.py). The job's workers reach that route at CHATSPACE_API_URL.
+    queue_url: str | None = None  # the pool's Redis; None = the broker's when it is Redis
+    pool_wait_s: float = 45.0  # the /v1 route's wait for a reply; keep it below timeout_s
+    pool_max_batch: int = 64  # waiting requests a judge worker generates together
 
 
 class Settings(BaseSettings):

@@ -244,6 +244,10 @@ def check_submit(*, params: dict, dataset, personas: list[str], settings,
                           hint="--judge MODEL, or set CHATSPACE_JUDGE_MODEL")
     if "judge" in wanted and not judge:
         params["judge"] = settings.judge.model
+    if "judge" in wanted:
+        from app.judge.backend import check_judge
+
+        check_judge(params["judge"], settings)
     if responses and "generate" in wanted:
         raise SpecInvalid("given responses replace the generate stage", field="params.stages",
                           hint="drop generate, or drop --responses")

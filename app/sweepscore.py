@@ -32,12 +32,14 @@ JUDGE_PARAMS = ("judge", "judge_structured_outputs", "judge_reply_retries")
 def check_submit(params: dict, *, dataset, personas: list[str], settings) -> None:
     """A sweep's judge, checked at submit: a model (``--judge`` or CHATSPACE_JUDGE_MODEL,
     filled into ``params["judge"]``) and a usable ``eval_prompt`` in every persona file."""
+    from app.judge.backend import check_judge
     from app.stages import _check_eval_prompts
 
     model = params.get("judge")
     if not isinstance(model, str) or not model.strip():
         raise SpecInvalid("the sweep's judge needs a model name", field="params.judge",
                           hint="--judge MODEL, or set CHATSPACE_JUDGE_MODEL")
+    check_judge(model, settings)
     _check_eval_prompts(dataset, personas)
 
 
@@ -57,16 +59,12 @@ def point_scorer(*, dataset_name: str, persona: str, params, settings
         raise SpecInvalid(f"persona {persona!r} has no eval_prompt to judge with",
                           field="params.judge")
     scale = scale_for(dataset.kind)
-    judge_settings = settings.judge
     structured = getattr(params, "judge_structured_outputs", None)
-    structured = judge_settings.structured_outputs if structured is None else bool(structured)
     retries = getattr(params, "judge_reply_retries", None)
-    retries = judge_settings.reply_retries if retries is None else int(retries)
+    retries = settings.judge.reply_retries if retries is None else int(retries)
 
     def backend():
-        b = OpenAIBackend.from_settings(settings, model=model)
-        b.structured_outputs = structured
-        return b
+        return OpenAIBackend.for_judge(settings, model, structured=structured)
 
     def score(records: list[dict]) -> tuple[dict, dict]:
         from app.responses import Response

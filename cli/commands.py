@@ -177,14 +177,21 @@ def api(host, port):
 @click.option("--name", default=None, help="base worker name (default: host name)")
 @click.option("--max-jobs", type=int, default=None, help="exit after this many jobs")
 @click.option("--exit-when-idle", is_flag=True, help="exit when no work is left")
+@click.option("--judge-model", default=None, metavar="MODEL",
+              help="run judge workers for this model instead: they answer the API's "
+                   "OpenAI-compatible /v1/chat/completions (submit --judge workers:MODEL)")
 def worker(**kwargs):
-    """Run GPU workers (one Celery process per GPU, each with a warm engine)."""
+    """Run GPU workers (one Celery process per GPU, each with a warm engine), or with
+    --judge-model the judge pool's workers for one judge model."""
     try:
         from workers.cli import run_worker
     except ImportError as exc:
         raise click.ClickException(f"the worker runtime is not installed here ({exc})") from None
     logging.getLogger().setLevel(logging.INFO)
-    return run_worker(**kwargs)
+    try:
+        return run_worker(**kwargs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @click.command("steer-spec")

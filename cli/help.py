@@ -10,7 +10,8 @@ EXAMPLES: dict[str, list[str]] = {
          "chatspace-jobs status JOB --watch",
          "chatspace-jobs artifacts get JOB -o results/"],
     "submit": ["chatspace-jobs submit traits_sample --dtype float32 --wait",
-               "chatspace-jobs submit roles_sample --kind rollout --steer spec.json"],
+               "chatspace-jobs submit roles_sample --kind rollout --steer spec.json",
+               "chatspace-jobs submit traits_240 --judge workers:Qwen/Qwen3-32B  # judge pool"],
     "status": ["chatspace-jobs status                  # queued and running jobs",
                "chatspace-jobs status JOB --watch      # live per-persona progress"],
     "list": ["chatspace-jobs list --state failed --limit 10",
@@ -45,7 +46,8 @@ EXAMPLES: dict[str, list[str]] = {
     "api": ["chatspace-jobs api --port 8000   # then open http://127.0.0.1:8000/ui/"],
     "steer-spec": ["chatspace-jobs steer-spec", "chatspace-jobs steer-spec --schema > steer.json"],
     "worker": ["chatspace-jobs worker --model Qwen/Qwen3-8B --dtype bfloat16 --gpus 0,1",
-               "chatspace-jobs worker --exit-when-idle"],
+               "chatspace-jobs worker --exit-when-idle",
+               "chatspace-jobs worker --judge-model Qwen/Qwen3-32B --gpus 2,3   # judge pool"],
 }
 
 

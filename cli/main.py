@@ -117,7 +117,8 @@ def _params(pairs) -> dict:
 @click.option("--capture", is_flag=True, default=None, help="rollout: also store activations")
 @click.option("--judge", default=None, metavar="MODEL",
               help="run the research chain generate -> capture -> judge -> vectors (-> axis) "
-                   "with this judge model (CHATSPACE_JUDGE_BASE_URL / _API_KEY)")
+                   "with this judge model (CHATSPACE_JUDGE_BASE_URL / _API_KEY), or "
+                   "workers:MODEL for our own judge workers (worker --judge-model MODEL)")
 @click.option("--responses", default=None, metavar="JOB|PATH",
               help="capture and judge these responses instead of generating: an earlier "
                    "job's id, or (in-process) a 1_generate.py JSONL file or folder of them")

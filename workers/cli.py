@@ -26,7 +26,7 @@ from pathlib import Path
 
 from app.db import session_scope
 from app.models import Job
-from app.queues import worker_queues
+from app.queues import judge_queue, worker_queues
 from app.settings import get_settings
 from workers import gpu
 from workers.config import WorkerEnv, nodename
@@ -34,7 +34,8 @@ from workers.config import WorkerEnv, nodename
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-__all__ = ["run_local_until_idle", "run_worker", "spawn_worker", "worker_queues"]
+__all__ = ["run_local_until_idle", "run_worker", "spawn_judge_worker", "spawn_worker",
+           "worker_queues"]
 
 
 def _split(value) -> list[str] | None:
@@ -50,6 +51,11 @@ def worker_command(*, name: str, queues: list[str], loglevel: str = "INFO") -> l
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
             "--pool=solo", "--concurrency=1", "-Q", ",".join(queues), "-n", nodename(name),
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
+
+
+def judge_worker_command() -> list[str]:
+    """The command line of one judge worker process (:mod:`workers.judgeworker`)."""
+    return [sys.executable, "-m", "workers.judgeworker"]
 
 
 def worker_env(*, name: str, gpu_index: str | None, model: str | None, dtype: str | None,
@@ -74,25 +80,47 @@ def spawn_worker(*, name: str, gpu_index: str | None = None, model: str | None =
                             stdout=stdout, stderr=stderr, start_new_session=True)
 
 
+def spawn_judge_worker(*, name: str, model: str, gpu_index: str | None = None,
+                       dtype: str | None = None, stdout=None, stderr=None) -> subprocess.Popen:
+    """Start one pinned judge worker process for ``model`` (returns at once)."""
+    env = worker_env(name=name, gpu_index=gpu_index, model=model, dtype=dtype,
+                     queues=[judge_queue(model)], max_jobs=None, exit_when_idle=False)
+    return subprocess.Popen(judge_worker_command(), env=env, cwd=str(ROOT), stdout=stdout,
+                            stderr=stderr, start_new_session=True)
+
+
 def run_worker(*, model: str | None = None, dtype: str | None = None, gpus=None,
                queues=None, name: str | None = None, max_jobs: int | None = None,
-               exit_when_idle: bool = False) -> int:
+               exit_when_idle: bool = False, judge_model: str | None = None) -> int:
     """Run one worker process per GPU until they exit; returns the worst exit status.
 
     ``gpus``: GPU indices (list or comma string); default every visible GPU, none = CPU.
     ``name``: base name; each process is ``<name>-gpu<i>`` (or ``<name>-cpu``), default the
     host name. Worker names are stable across restarts so a new worker finds and ends the
     engine processes a killed predecessor of the same name left behind.
+    ``judge_model``: judge workers of the judge pool for this model instead
+    (:mod:`workers.judgeworker`), named ``<name>-judge-gpu<i>`` so a job worker on the same
+    GPU keeps its own name.
     """
     settings = get_settings()
-    if model and not dtype:
+    if judge_model and (model or queues or max_jobs or exit_when_idle):
+        raise ValueError("a judge worker serves only its judge model: --judge-model takes "
+                         "no --model, --queues, --max-jobs or --exit-when-idle")
+    if (model or judge_model) and not dtype:
         dtype = settings.default_dtype
     gpu_list = _split(gpus) if gpus is not None else gpu.visible_gpus()
     base = name or socket.gethostname().split(".")[0]
+    if judge_model:
+        base += "-judge"
     slots = [(g, f"{base}-gpu{g}") for g in gpu_list] if gpu_list else [(None, f"{base}-cpu")]
-    procs = [spawn_worker(name=n, gpu_index=g, model=model, dtype=dtype, queues=_split(queues),
-                          max_jobs=max_jobs, exit_when_idle=exit_when_idle)
-             for g, n in slots]
+    if judge_model:
+        procs = [spawn_judge_worker(name=n, gpu_index=g, model=judge_model, dtype=dtype)
+                 for g, n in slots]
+    else:
+        procs = [spawn_worker(name=n, gpu_index=g, model=model, dtype=dtype,
+                              queues=_split(queues), max_jobs=max_jobs,
+                              exit_when_idle=exit_when_idle)
+                 for g, n in slots]
     log.info("started workers %s", ", ".join(n for _, n in slots))
 
     def forward(signum, _frame):

@@ -248,14 +248,11 @@ def _judge(ctx: StageContext) -> StageResult:
                           field="dataset")
     responses = load_responses(ctx)
     judge_settings = ctx.settings.judge
-    structured = ctx.params.get("judge_structured_outputs")
-    structured = judge_settings.structured_outputs if structured is None else bool(structured)
     reply_retries = ctx.params.get("judge_reply_retries")
 
     def backend():
-        b = OpenAIBackend.from_settings(ctx.settings, model=ctx.params.get("judge"))
-        b.structured_outputs = structured
-        return b
+        return OpenAIBackend.for_judge(ctx.settings, ctx.params.get("judge"),
+                                       structured=ctx.params.get("judge_structured_outputs"))
 
     ctx.on_progress(0, len(responses))
     result = judge_persona(backend, persona=ctx.persona, eval_prompt=persona.eval_prompt,

@@ -29,6 +29,7 @@ from app import sweeps, sweepscore
 from app.artifacts import read_persona_artifact
 from app.db import session_scope
 from app.errors import SpecInvalid
+from app.judge.backend import judge_base_url
 from app.models import Artifact
 from app.prompts import build_prompt
 from workers.engine.spec import RequestSpec, SpecError, SteerOp, validate_spec
@@ -186,7 +187,8 @@ def run_item(ctx, samples, *, prefix: str, policy, template_kwargs: dict) -> dic
         op = resolved[pt.id][1]
         rows.append({**pt.as_dict(), **({"threshold": op["min"]} if op["op"] == "cap" else {}),
                      **sweeps.summarize_point(records, scores), "responses_key": obj.key})
-    status = (sweepscore.judge_status(ctx.params.judge, ctx.settings.judge.base_url)
+    status = (sweepscore.judge_status(ctx.params.judge,
+                                      judge_base_url(ctx.settings, ctx.params.judge))
               if scorer is not None else None)
     summary = {"persona": ctx.persona, "job_id": str(ctx.job_id), "spec": spec,
                "scores": sweeps.scores_status(status, minilm_info), "points": rows}

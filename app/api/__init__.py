@@ -1,4 +1,5 @@
-"""The status API: submit and follow jobs, browse artifacts, drive workers, health.
+"""The status API: submit and follow jobs, browse artifacts, drive workers, health, and the
+judge pool's OpenAI-compatible ``/v1`` routes (:mod:`app.api.openai_compat`).
 
 ``create_app`` takes what the API must not import itself: ``enqueue(job_id, *, reason)``
 (the Celery dispatch lives in ``workers/``; ``reason`` is "submitted" or "retry" and lands in
@@ -29,7 +30,17 @@ def _no_enqueue(job_id: str, *, reason: str = "submitted") -> None:
 
 def create_app(settings=None, *, enqueue: Callable[[str], None] | None = None,
                control: Any = None) -> FastAPI:
-    from app.api import analysis, artifacts, errors, health, jobs, sweeps, ui, workers
+    from app.api import (
+        analysis,
+        artifacts,
+        errors,
+        health,
+        jobs,
+        openai_compat,
+        sweeps,
+        ui,
+        workers,
+    )
     from app.db import default_factory
     from app.settings import get_settings
 
@@ -44,7 +55,7 @@ def create_app(settings=None, *, enqueue: Callable[[str], None] | None = None,
     app.state.control = control
     app.state.store = None
     errors.install(app)
-    for module in (health, jobs, sweeps, workers, artifacts, analysis):
+    for module in (health, jobs, sweeps, workers, artifacts, analysis, openai_compat):
         app.include_router(module.router)
     ui.install(app)
     if not public:

@@ -82,6 +82,45 @@ class JudgeBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
+POOL_PREFIX = "workers:"  # --judge workers:MODEL = the judge pool of this service
+
+
+def pool_model(judge: str | None) -> str | None:
+    """The model of a ``--judge workers:MODEL`` (the judge pool), None for any other judge
+    (a model name at the configured OpenAI-compatible endpoint)."""
+    if isinstance(judge, str) and judge.startswith(POOL_PREFIX):
+        return judge[len(POOL_PREFIX):].strip()
+    return None
+
+
+def judge_base_url(settings, judge: str | None) -> str | None:
+    """Where a job's judge is asked: the pool's route on the status API for
+    ``workers:MODEL`` (None without ``CHATSPACE_API_URL``), else the configured endpoint."""
+    if pool_model(judge) is None:
+        return settings.judge.base_url
+    return settings.api_url.rstrip("/") + "/v1" if settings.api_url else None
+
+
+def check_judge(judge: str | None, settings) -> None:
+    """A job's judge, checked at submit: ``workers:MODEL`` names a model and the pool has a
+    Redis to queue on (the API that takes the submit serves the pool's route)."""
+    from app.judge.pool import redis_url
+
+    model = pool_model(judge)
+    if model is None:
+        return
+    if not model:
+        raise SpecInvalid("--judge workers: names no model", field="params.judge",
+                          hint="--judge workers:MODEL, the model judge workers serve "
+                               "(chatspace-jobs worker --judge-model MODEL)")
+    if redis_url(settings) is None:
+        raise SpecInvalid("the judge pool (--judge workers:MODEL) needs Redis, and this "
+                          "service's broker is not Redis", field="params.judge",
+                          hint="set CHATSPACE_BROKER_URL=redis://... (or "
+                               "CHATSPACE_JUDGE_QUEUE_URL), or judge through an endpoint "
+                               "(CHATSPACE_JUDGE_BASE_URL)")
+
+
 def safe_url(url: str | None) -> str | None:
     """A base URL fit for logs and artifacts: no user:password part, no query string."""
     if not url:
@@ -127,6 +166,32 @@ class OpenAIBackend:
                    max_concurrency=j.max_concurrency, max_retries=j.max_retries,
                    timeout_s=j.timeout_s, max_tokens=j.max_tokens, temperature=j.temperature,
                    structured_outputs=j.structured_outputs)
+
+    @classmethod
+    def for_judge(cls, settings, judge: str | None, *,
+                  structured: bool | None = None) -> OpenAIBackend:
+        """The backend of a job's ``--judge``: a model at the configured endpoint, or
+        ``workers:MODEL``, the judge pool behind the status API's OpenAI-compatible route
+        (``CHATSPACE_API_URL``/v1 with the API's token), restricted to the scale unless the
+        job says otherwise. ``structured``: the job's ``judge_structured_outputs``."""
+        model = pool_model(judge)
+        if model is None:
+            b = cls.from_settings(settings, model=judge)
+            b.structured_outputs = (settings.judge.structured_outputs if structured is None
+                                    else bool(structured))
+            return b
+        base_url = judge_base_url(settings, judge)
+        if base_url is None:
+            raise SpecInvalid(f"--judge {judge} sends the judge's requests to the status "
+                              "API's /v1 route, and this worker has no API URL",
+                              field="judge", hint="set CHATSPACE_API_URL (and "
+                                                  "CHATSPACE_API_TOKEN) for the workers")
+        j = settings.judge
+        return cls(model=model, base_url=base_url,
+                   api_key=settings.api_token, max_concurrency=j.max_concurrency,
+                   max_retries=j.max_retries, timeout_s=j.timeout_s, max_tokens=j.max_tokens,
+                   temperature=j.temperature,
+                   structured_outputs=True if structured is None else bool(structured))
 
     def __repr__(self) -> str:  # never the key
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"

@@ -350,6 +350,10 @@ class SteeringEngine:
         kw = {"max_tokens": max_tokens or options.max_tokens, "temperature": options.temperature,
                   "top_p": options.top_p, "seed": options.seed, "ignore_eos": options.ignore_eos,
                   "stop_token_ids": list(options.stop_token_ids)}
+        if options.choices:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kw["structured_outputs"] = StructuredOutputsParams(choice=list(options.choices))
         if spec is not None and spec.active:
             bare = RequestSpec(capture=spec.capture, key=spec.key)  # vectors go by key
             kw["extra_args"] = {WIRE_KEY: {

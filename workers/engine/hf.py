@@ -246,6 +246,9 @@ class HFBackend:
         self._validate(specs)
         if options.max_tokens < 1:
             raise SpecError("options.max_tokens", "must be at least 1")
+        if options.choices:
+            raise SpecError("options.choices", "the transformers backend cannot restrict a "
+                            "reply to choices; use the vLLM engine")
         encoded = [self._encode(p) for p in prompts]
         for i, ids in enumerate(encoded):
             if not ids:

@@ -253,3 +253,6 @@ class SamplingOptions:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    # Restrict the reply to one of these strings (vLLM structured outputs): the judge pool's
+    # scale. The transformers backend cannot, and refuses a request that asks.
+    choices: tuple[str, ...] | None = None
