@@ -300,7 +300,9 @@ class _State:
                     req.errors.append(msg)
             self.plan = None
 
-    def collect(self, req: _Req) -> dict:
+    def collect(self, req: _Req, parts: list[tuple[torch.Tensor, int]]) -> dict:
+        """One request's result; its means are indices into ``parts`` (``(sum, rows)`` on the
+        host), shipped by :meth:`SteeringExtension.steering_collect` in one go."""
         out = {"hook_calls": req.hook_calls, "errors": list(req.errors)}
         if req.spec.capture is not None and self.rank == 0:
             layers = list(req.cap_layers)
@@ -311,7 +313,8 @@ class _State:
                 counts[name] = n
                 if n == 0:
                     continue
-                means[name] = pack((self.acc[idx, slot] / n).cpu())
+                means[name] = len(parts)
+                parts.append((self.acc[idx, slot].cpu(), n))
                 positions[name] = tuple(req.covered[name])
             out.update(layers=layers, means=means, counts=counts, positions=positions)
             if req.raw_rows is not None:
@@ -471,6 +474,7 @@ class SteeringExtension:
 
     def steering_reset(self) -> None:
         """Forget every request (called before each generate: nothing is in flight then)."""
+        sweep_shipped()
         state: _State = self._chatspace
         state.plan = None
         for req in list(state.by_uid.values()):
@@ -484,7 +488,13 @@ class SteeringExtension:
         state: _State = self._chatspace
         state.finish_step()
         out = {}
+        parts: list[tuple[torch.Tensor, int]] = []
         for uid in uids:
             req = state.by_uid.get(uid)
-            out[uid] = state.collect(req) if req is not None else None
+            out[uid] = state.collect(req, parts) if req is not None else None
+        if parts:
+            shipped = ship(parts)
+            for res in out.values():
+                if res is not None and "means" in res:
+                    res["means"] = {k: shipped[i] for k, i in res["means"].items()}
         return out
