@@ -45,6 +45,15 @@ def _run(path, steering_path):
                              capture=CaptureSpec(layers=(0, 3))),
                  RequestSpec(steer=(SteerOp("add", 1, v, scale=3.0),), capture=cap)]
         res = eng.generate(prompts, SamplingOptions(max_tokens=6, ignore_eos=True), specs)
+        # again: steered and plain requests now hit the prefix cache (salted per steering),
+        # capture requests skip it; every result must be the same
+        again = eng.generate(prompts, SamplingOptions(max_tokens=6, ignore_eos=True), specs)
+        for i, (a, b) in enumerate(zip(res, again)):
+            assert a.token_ids == b.token_ids, f"request {i}: tokens differ on a cache hit"
+            if a.capture is not None:
+                assert a.capture.counts == b.capture.counts
+                for span, mean in a.capture.means.items():
+                    assert rel_err(b.capture.means[span], mean) < REL, (i, span)
         seqs = [p + r.token_ids for p, r in zip(prompts, res)]
         caps = eng.capture(seqs, specs[1], prompt_lens=[len(p) for p in prompts])
         # the pipeline's exact re-read: overlapping named spans, built-in spans off
