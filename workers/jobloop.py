@@ -6,10 +6,15 @@ re-enqueue, two workers on one queue): every item is taken with a Postgres lease
 attempt, so a duplicate task finds nothing to claim, or claims other personas of the same
 job in parallel, and never runs an item twice.
 
-Errors map to states here: OOM after the last halving → ``failed(oom)``; cancel → the item
-is released and the job ends ``cancelled``; anything else → the item is failed and retried
-up to ``max_item_attempts``, then the job is ``failed(error)``. After every job, and every
-failure, the engine runtime cleans up and checks GPU memory against its baseline.
+One loop (:func:`_run`) serves both kinds of job; what differs is a small steps object:
+:class:`ItemSteps` (capture, rollout: one item per persona, all on the engine) and
+:class:`PipelineSteps` (one item per (stage, persona), the engine only for generate and
+capture). Errors map to states in the loop: OOM after the last halving → ``failed(oom)``;
+cancel → the item is released and the job ends ``cancelled``; a failed engine load → a
+``load_failed`` event on the job (:mod:`workers.loadfail`); anything else → the item is
+failed and retried up to ``max_item_attempts``, then the job is ``failed(error)``. After
+every job, and every failure, the engine runtime cleans up and checks GPU memory against
+its baseline.
 
 :func:`execute_job` takes the worker as an argument (its name, settings, engine runtime and
 busy/idle marks: :class:`Worker`), so it runs under the Celery task, or in a test with a fake
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import select
@@ -29,9 +35,12 @@ from app import jobs
 from app.artifacts import read_persona_artifact, recorded_prefix
 from app.db import session_scope
 from app.errors import EngineOOM, InvalidTransition, RetryableError, SpecInvalid
+from app.judge.backend import JudgeRejected
 from app.models import Artifact, Job, JobItem
+from app.stages import ENGINE_STAGES
 from app.storage import get_store
-from workers import loadfail, pipeline
+from workers import loadfail, pipeline, testprobe
+from workers import stages as runners
 from workers.batching import JobCancelled
 from workers.manifest import finish
 from workers.params import JobParams
@@ -70,9 +79,50 @@ def db_retry(fn, *args, what: str, **kw):
             delay = min(delay * 2, 10.0)
 
 
+@dataclass(frozen=True)
+class JobHead:
+    """The job's columns a loop needs, read once."""
+
+    id: str
+    kind: str
+    dataset: str
+    model: str
+    dtype: str
+    params: dict
+    prefix: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An item this worker holds: fenced by ``attempt``."""
+
+    id: int
+    attempt: int
+    persona: str
+    stage: str
+    done_key: str | None
+    done_sha: str | None
+
+
+class Steps(Protocol):
+    """What differs between the kinds of job; :func:`_run` is the loop they share."""
+
+    oom_fails_rest: bool  # an OOM at the smallest batch fails the personas not yet run
+
+    def engine_now(self) -> bool:
+        """Load the engine before claiming anything (a failed load then touches no item)."""
+
+    def needs_engine(self, item: Claimed) -> bool: ...
+
+    def run(self, item: Claimed, *, engine, store, worker: Worker, event, progress,
+            cancelled) -> tuple[object, dict]:
+        """(result with artifact_key, sha256, size, extra, info; more info to record)."""
+
+    def before_finish(self, store) -> None: ...
+
+
 def execute_job(job_id: str, *, worker: Worker) -> dict:
     """Claim and run this job's items until none is left; finish the job if it is done."""
-    settings = worker.settings
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -80,157 +130,197 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
             return {"job_id": job_id, "ran": 0, "reason": "not found"}
         if job.state not in ("queued", "running"):
             return {"job_id": job_id, "ran": 0, "reason": f"job is {job.state}"}
-        kind, dataset, model, dtype = job.kind, job.dataset, job.model, job.dtype
-        params = JobParams.from_dict(job.params)
-        prefix = recorded_prefix(job, settings)
-    if kind == "pipeline":  # one item per (stage, persona)
-        return execute_pipeline(job_id, worker=worker, params=dict(job.params or {}),
-                                prefix=prefix)
+        head = JobHead(id=job_id, kind=job.kind, dataset=job.dataset, model=job.model,
+                       dtype=job.dtype, params=dict(job.params or {}),
+                       prefix=recorded_prefix(job, worker.settings))
+    steps = PipelineSteps(head) if head.kind == "pipeline" else ItemSteps(head)
+    return _run(head, worker=worker, steps=steps)
+
+
+class ItemSteps:
+    """A capture or rollout job: one item per persona, every item on the engine; after an
+    OOM at the smallest batch the personas not yet run fail too (:func:`_fail_rest`)."""
+
+    oom_fails_rest = True
+
+    def __init__(self, head: JobHead):
+        self.head = head
+        self.params = JobParams.from_dict(head.params)
+
+    def engine_now(self) -> bool:
+        return True
+
+    def needs_engine(self, item: Claimed) -> bool:
+        return True
+
+    def run(self, item: Claimed, *, engine, store, worker, event, progress, cancelled):
+        h = self.head
+        ctx = pipeline.ItemContext(
+            job_id=h.id, kind=h.kind, dataset=h.dataset, persona=item.persona, model=h.model,
+            dtype=h.dtype, params=self.params, engine=engine(), store=store,
+            settings=worker.settings, artifact_prefix=h.prefix, gpu_index=worker.runtime.gpu,
+            on_event=event, on_progress=progress, should_cancel=cancelled,
+            load_vector=lambda j, p, k, layer: load_vector(store, j, p, k, layer))
+        return pipeline.run_item(ctx), {}
+
+    def before_finish(self, store) -> None:
+        pass
+
+
+class PipelineSteps:
+    """A pipeline job: one item per (stage, persona); which item is ready is
+    :func:`app.stages.claim`'s business (the stages it needs have succeeded). The engine is
+    loaded when an engine stage still has work (generate, capture); judge, vectors and axis
+    items run without it. After an OOM the other items go on (what needs the failed item is
+    failed by :func:`app.stages.fail_blocked`)."""
+
+    oom_fails_rest = False
+
+    def __init__(self, head: JobHead):
+        self.head = head
+        self.probe = testprobe.from_env()  # None outside the resume tests
+
+    def engine_now(self) -> bool:
+        """Whether an engine stage has work left (queued or running anywhere): then the
+        engine is loaded before anything is claimed, as for a single-stage job."""
+        with session_scope() as s:
+            return s.execute(select(JobItem.id).where(
+                JobItem.job_id == self.head.id,
+                JobItem.stage.in_([st.value for st in ENGINE_STAGES]),
+                JobItem.state.in_(("queued", "running"))).limit(1)).first() is not None
+
+    def needs_engine(self, item: Claimed) -> bool:
+        return item.stage in ENGINE_STAGES
+
+    def run(self, item: Claimed, *, engine, store, worker, event, progress, cancelled):
+        h = self.head
+        if self.probe is not None:
+            engine = self.probe.watch(item.stage, item.persona, engine)
+        ctx = runners.StageContext(
+            job_id=h.id, stage=item.stage, persona=item.persona, dataset=h.dataset,
+            model=h.model, dtype=h.dtype, params=h.params, store=store,
+            settings=worker.settings, prefix=h.prefix, engine=engine,
+            gpu_index=worker.runtime.gpu, on_event=event, on_progress=progress,
+            should_cancel=cancelled)
+        return runners.run_stage(ctx), {"stage": item.stage}
+
+    def before_finish(self, store) -> None:
+        """Every item done: the judge summary over every judged persona."""
+        with session_scope() as s:
+            rows = s.execute(select(JobItem.stage, JobItem.persona, JobItem.state).where(
+                JobItem.job_id == self.head.id)).all()
+        if rows and all(r.state == "succeeded" for r in rows):
+            runners.write_judge_summary(store, self.head.prefix,
+                                        {r.persona for r in rows if r.stage == "judge"})
+
+
+class _Engine:
+    """The job's engine, loaded on first need; a failed load is recorded on the job
+    (:mod:`workers.loadfail`: a ``load_failed`` event, the job's last error, the job failed
+    after ``max_load_failures``) whichever kind of job asked for it."""
+
+    def __init__(self, head: JobHead, worker: Worker, event):
+        self.head, self.worker, self.event = head, worker, event
+        self.engine = None
+
+    def load(self) -> bool:
+        if self.engine is not None:
+            return True
+        h, runtime = self.head, self.worker.runtime
+        try:
+            self.engine = loadfail.load(lambda: runtime.acquire(h.model, h.dtype,
+                                                                 on_event=self.event))
+        except loadfail.LoadFailed as exc:  # the job says why it is not running
+            log.exception("job %s: worker %s could not load %s (%s)", h.id, self.worker.name,
+                          h.model, h.dtype)
+            loadfail.record([h.id], worker=self.worker.name, exc=exc)
+            return False
+        return True
+
+    def __call__(self):
+        if self.engine is None:
+            raise RuntimeError("the engine was not loaded for this item")
+        return self.engine
+
+
+def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
+    """The loop both kinds of job share: claim (Postgres lease, attempt fence), run,
+    complete or fail, until nothing is claimable; then finish the job if it is done.
+
+    Errors map to states here: OOM after the last halving -> ``failed(oom)``; cancel -> the
+    item is released; a spec error or a rejected judge request -> failed (no retry fixes
+    them); anything else -> failed and retried up to ``max_item_attempts``, and a transient
+    outage (:class:`RetryableError`, the judge down) leaves its item queued for a later
+    delivery instead of spinning. A failed engine load claims nothing (or gives the item
+    back) and is recorded on the job by :class:`_Engine`; the message is dropped and the
+    reconciler wakes a worker for the job again."""
+    job_id, settings, runtime = head.id, worker.settings, worker.runtime
 
     def event(kind_: str, data: dict) -> None:
         with session_scope() as s:
             jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
 
-    runtime = worker.runtime
-    try:
-        engine = loadfail.load(lambda: runtime.acquire(model, dtype, on_event=event))
-    except loadfail.LoadFailed as exc:  # the job says why it is not running
-        log.exception("job %s: worker %s could not load %s (%s)", job_id, worker.name, model,
-                      dtype)
-        loadfail.record([job_id], worker=worker.name, exc=exc)
+    engine = _Engine(head, worker, event)
+    if steps.engine_now() and not engine.load():
         return {"job_id": job_id, "ran": 0, "reason": "the model could not be loaded"}
     store = get_store(settings)
     ran = 0
     try:
         while True:
-            claimed = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
-            if claimed is None:
+            item = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
+            if item is None:
                 break
-            item_id, attempt, persona, done_key, done_sha, _ = claimed
-            if done_key and done_sha and store.verify(done_key, done_sha):
-                db_retry(_complete, job_id, item_id, attempt, worker.name, done_key, done_sha,
-                         info=None, what="complete")
-                event("item_skipped", {"persona": persona, "artifact_key": done_key})
+            if item.done_key and item.done_sha and store.verify(item.done_key, item.done_sha):
+                db_retry(_complete, job_id, item.id, item.attempt, worker.name, item.done_key,
+                         item.done_sha, info=None, what="complete")
+                event("item_skipped", {"persona": item.persona, "artifact_key": item.done_key})
                 continue
-            ctx = pipeline.ItemContext(
-                job_id=job_id, kind=kind, dataset=dataset, persona=persona, model=model,
-                dtype=dtype, params=params, engine=engine, store=store, settings=settings,
-                artifact_prefix=prefix, gpu_index=runtime.gpu, on_event=event,
-                on_progress=_progress_writer(item_id, attempt),
-                should_cancel=_cancel_checker(job_id),
-                load_vector=lambda j, p, k, layer: load_vector(store, j, p, k, layer))
+            if steps.needs_engine(item) and not engine.load():
+                db_retry(_release, item, worker.name, what="release")
+                return {"job_id": job_id, "ran": ran, "reason": "the model could not be loaded"}
             worker.busy(job_id)
             try:
-                result = pipeline.run_item(ctx)
+                result, info = steps.run(item, engine=engine, store=store, worker=worker,
+                                         event=event, progress=_progress_writer(item.id,
+                                                                                item.attempt),
+                                         cancelled=_cancel_checker(job_id))
             except JobCancelled:
-                with session_scope() as s:
-                    jobs.release_item(s, item_id=item_id, attempt=attempt, worker=worker.name)
+                db_retry(_release, item, worker.name, what="release")
                 break
             except EngineOOM as exc:
-                _fail(job_id, item_id, attempt, worker.name, "oom", exc, requeue=False,
+                _fail(job_id, item.id, item.attempt, worker.name, "oom", exc, requeue=False,
                       batch_size=exc.batch_size, memory=exc.memory)
-                _fail_rest(job_id, worker.name, persona, exc)
+                if steps.oom_fails_rest:
+                    _fail_rest(job_id, worker.name, item.persona, exc)
                 runtime.cleanup(on_event=event)
-                break
-            except Exception as exc:
-                log.exception("job %s persona %s failed", job_id, persona)
-                db_retry(_fail, job_id, item_id, attempt, worker.name, "error", exc,
-                         requeue=attempt < settings.max_item_attempts, what="fail")
-                runtime.cleanup(on_event=event)
-                continue
-            db_retry(_complete, job_id, item_id, attempt, worker.name, result.artifact_key,
-                     result.sha256, what="complete",
-                     info={"size": result.size, "extra": result.extra, **result.info})
-            ran += 1
-        db_retry(finish, job_id, settings=settings, store=store, what="finish")
-    finally:
-        figures = runtime.cleanup(on_event=event)
-        if figures.get("memory"):
-            event("cleanup", figures)
-        worker.idle()
-    return {"job_id": job_id, "ran": ran}
-
-
-def execute_pipeline(job_id: str, *, worker: Worker, params: dict, prefix: str) -> dict:
-    """A pipeline job's loop: the same leases, fencing and retries as above; what differs is
-    which item is ready (:func:`app.stages.claim`: the stages it needs have succeeded), the
-    engine is acquired only when an engine stage is claimed, and a judge outage re-queues
-    its item for a later delivery instead of spinning."""
-    from app.judge.backend import JudgeRejected
-    from app.stages import ENGINE_STAGES
-    from workers import stages as runners
-
-    settings = worker.settings
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        dataset, model, dtype = job.dataset, job.model, job.dtype
-
-    def event(kind_: str, data: dict) -> None:
-        with session_scope() as s:
-            jobs.record_event(s, job_id=job_id, kind=kind_, data={"worker": worker.name, **data})
-
-    runtime = worker.runtime
-    engine: list = []
-
-    def get_engine():
-        if not engine:
-            engine.append(runtime.acquire(model, dtype, on_event=event))
-        return engine[0]
-
-    store = get_store(settings)
-    ran = 0
-    try:
-        while True:
-            claimed = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
-            if claimed is None:
-                break
-            item_id, attempt, persona, _, _, stage = claimed
-            ctx = runners.StageContext(
-                job_id=job_id, stage=stage, persona=persona, dataset=dataset, model=model,
-                dtype=dtype, params=params, store=store, settings=settings, prefix=prefix,
-                engine=get_engine, gpu_index=runtime.gpu, on_event=event,
-                on_progress=_progress_writer(item_id, attempt),
-                should_cancel=_cancel_checker(job_id))
-            worker.busy(job_id)
-            try:
-                result = runners.run_stage(ctx)
-            except JobCancelled:
-                with session_scope() as s:
-                    jobs.release_item(s, item_id=item_id, attempt=attempt, worker=worker.name)
-                break
-            except EngineOOM as exc:
-                _fail(job_id, item_id, attempt, worker.name, "oom", exc, requeue=False,
-                      batch_size=exc.batch_size, memory=exc.memory)
-                runtime.cleanup(on_event=event)
+                if steps.oom_fails_rest:
+                    break
                 continue
             except (JudgeRejected, SpecInvalid) as exc:  # no retry fixes these
-                db_retry(_fail, job_id, item_id, attempt, worker.name, "error", exc,
+                log.warning("job %s %s/%s failed: %s", job_id, item.stage, item.persona, exc)
+                db_retry(_fail, job_id, item.id, item.attempt, worker.name, "error", exc,
                          requeue=False, what="fail")
+                if steps.needs_engine(item):
+                    runtime.cleanup(on_event=event)
                 continue
             except Exception as exc:
-                log.exception("job %s %s/%s failed", job_id, stage, persona)
-                requeue = attempt < settings.max_item_attempts
-                db_retry(_fail, job_id, item_id, attempt, worker.name, "error", exc,
+                log.exception("job %s %s/%s failed", job_id, item.stage, item.persona)
+                requeue = item.attempt < settings.max_item_attempts
+                db_retry(_fail, job_id, item.id, item.attempt, worker.name, "error", exc,
                          requeue=requeue, what="fail")
-                if stage in ENGINE_STAGES:
+                if steps.needs_engine(item):
                     runtime.cleanup(on_event=event)
                 if isinstance(exc, RetryableError) and requeue:
                     break  # the judge is down: the item waits queued for a later delivery
                 continue
-            db_retry(_complete, job_id, item_id, attempt, worker.name, result.artifact_key,
-                     result.sha256, what="complete",
-                     info={"size": result.size, "extra": result.extra, "stage": stage,
-                           **result.info})
+            db_retry(_complete, job_id, item.id, item.attempt, worker.name,
+                     result.artifact_key, result.sha256, what="complete",
+                     info={"size": result.size, "extra": result.extra, **info, **result.info})
             ran += 1
-        with session_scope() as s:
-            rows = s.execute(select(JobItem.stage, JobItem.persona, JobItem.state).where(
-                JobItem.job_id == job_id)).all()
-        if rows and all(r.state == "succeeded" for r in rows):
-            runners.write_judge_summary(store, prefix,
-                                        {r.persona for r in rows if r.stage == "judge"})
+        steps.before_finish(store)
         db_retry(finish, job_id, settings=settings, store=store, what="finish")
     finally:
-        if engine:
+        if engine.engine is not None:
             figures = runtime.cleanup(on_event=event)
             if figures.get("memory"):
                 event("cleanup", figures)
@@ -238,13 +328,22 @@ def execute_pipeline(job_id: str, *, worker: Worker, params: dict, prefix: str) 
     return {"job_id": job_id, "ran": ran}
 
 
-def _claim(job_id, worker, lease_s):
+def _claim(job_id, worker, lease_s) -> Claimed | None:
     with session_scope() as s:
         item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=lease_s)
         if item is None:
             return None
-        return (item.id, item.attempt, item.persona, item.artifact_key, item.artifact_sha256,
-                item.stage)
+        return Claimed(id=item.id, attempt=item.attempt, persona=item.persona, stage=item.stage,
+                       done_key=item.artifact_key, done_sha=item.artifact_sha256)
+
+
+def _release(item: Claimed, worker: str) -> None:
+    try:
+        with session_scope() as s:
+            jobs.release_item(s, item_id=item.id, attempt=item.attempt, worker=worker)
+    except InvalidTransition:
+        log.warning("item %s attempt %s: lost the lease before giving it back", item.id,
+                    item.attempt)
 
 
 def _complete(job_id, item_id, attempt, worker, key, sha, *, info) -> None:

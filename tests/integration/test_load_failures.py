@@ -1,7 +1,10 @@
 """A worker that cannot load a job's model: the error is on the job at once, and after a
-bounded number of failed loads the job fails with it (Postgres and SQLite)."""
+bounded number of failed loads the job fails with it (Postgres and SQLite), for
+single-stage and pipeline jobs alike."""
 
 from __future__ import annotations
+
+import pytest
 
 from app import jobs
 from app.db import session_scope
@@ -60,3 +63,80 @@ def test_a_finished_job_is_left_alone(factory):
     with session_scope(factory) as s:
         jobs.request_cancel(s, job_id=job_id)
     assert _fail_load(factory, job_id)[0] == "cancelled"
+
+
+class _Worker:
+    """A worker as the job loop sees it, around a real engine runtime (transformers backend)
+    whose model cannot be loaded here: not a local folder, the hub offline."""
+
+    name = "gpu-lf"
+
+    def __init__(self, settings):
+        from workers.runtime import EngineRuntime
+
+        self.settings = settings
+        self.runtime = EngineRuntime(worker_name=self.name, gpu_index=None, settings=settings)
+
+    def busy(self, job_id: str) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("db", ["postgres", "sqlite"])
+def test_a_pipeline_job_records_failed_loads_like_a_single_stage_job(db, request, monkeypatch,
+                                                                     tmp_path):
+    """The pipeline loop takes the single-stage path for a model that cannot load: each
+    delivery records a ``load_failed`` event and the job's last error without claiming an
+    item (no attempt spent), and after ``max_load_failures`` the job fails with the reason;
+    before, the failures went through item retries and the job ended with a generic error."""
+    from sqlalchemy import select
+
+    from app import stages
+    from app.db import dispose_all, upgrade
+    from app.models import JobItem
+    from app.settings import get_settings
+    from workers.jobloop import execute_job
+
+    url = (request.getfixturevalue("pg_url") if db == "postgres"
+           else f"sqlite:///{tmp_path / 'jobs.db'}")
+    monkeypatch.setenv("CHATSPACE_DATABASE_URL", url)
+    monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    get_settings.cache_clear()
+    upgrade(url)
+    model = "org/no-such-model"
+    with session_scope() as s:
+        job_id = stages.create_pipeline_job(
+            s, dataset="traits_sample", model=model, dtype="float32",
+            params={"stages": ["generate", "capture", "vectors"], "max_samples": 1},
+            items=stages.plan(["generate", "capture", "vectors"], ["curious", "optimistic"]),
+            queue="q").id
+    worker = _Worker(get_settings())
+    try:
+        for n in (1, 2, 3):
+            out = execute_job(job_id, worker=worker)
+            assert out == {"job_id": job_id, "ran": 0,
+                           "reason": "the model could not be loaded"}, out
+            with session_scope() as s:
+                job = jobs.get_job(s, job_id=job_id)
+                events = [e for e in jobs.list_events(s, job_id=job_id)
+                          if e.kind == "load_failed"]
+                items = s.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
+                assert [e.data["failures"] for e in events] == list(range(1, n + 1))
+                assert all(f"worker gpu-lf could not load {model}" in e.message
+                           and "no-such-model" in e.message for e in events)
+                assert all(i.attempt == 0 for i in items)  # nothing claimed, no attempt spent
+                if n < 3:
+                    assert job.state == "queued" and f"could not load {model}" in job.error
+                    assert all(i.state == "queued" for i in items)
+        with session_scope() as s:
+            job = jobs.get_job(s, job_id=job_id)
+            items = s.execute(select(JobItem).where(JobItem.job_id == job_id)).scalars().all()
+            assert job.state == "failed" and job.failure_kind == "error"
+            assert job.error.startswith("3 failed model loads") and model in job.error
+            assert len(items) == 6 and all(i.state == "failed" for i in items)
+        assert execute_job(job_id, worker=worker)["reason"] == "job is failed"
+    finally:
+        dispose_all()
