@@ -73,6 +73,14 @@ class VectorSet:
     pending: dict[str, Pending] = field(default_factory=dict)
     missing_scores: list[str] = field(default_factory=list)  # keys a score was needed for
 
+    def named(self) -> dict[str, np.ndarray]:
+        """Every vector under its name, with a contrast of two of them (roles'
+        ``pos_3-default_1``) under its own; a traits contrast is one of the vectors already."""
+        out = dict(self.vectors)
+        if self.contrast is not None and self.contrast_of and "-" in self.contrast_of:
+            out[self.contrast_of] = self.contrast
+        return out
+
 
 def parse_key(key: str) -> tuple[str, int, int]:
     m = KEY_RE.match(key)
@@ -167,11 +175,8 @@ def derive_all(activations: np.ndarray, keys: list[str], *, kind: str, scores=No
     """Every vector of one persona from one table holding its samples and the default
     persona's (``default_*`` keys): the public scripts' view, where both sit in one file.
     Includes the roles contrast under its name (``pos_3-default_1``)."""
-    vs = derive_vectors(activations, keys, kind=kind, scores=scores, min_count=min_count, **kw)
-    out = dict(vs.vectors)
-    if vs.contrast_of and "-" in vs.contrast_of:
-        out[vs.contrast_of] = vs.contrast
-    return out
+    return derive_vectors(activations, keys, kind=kind, scores=scores, min_count=min_count,
+                          **kw).named()
 
 
 def _mean(acts: np.ndarray, rows: list[int]) -> np.ndarray:

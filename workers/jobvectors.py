@@ -48,21 +48,36 @@ def derive_job(*, job, items: dict[str, str], prefix: str, store,
     for persona, key in sorted(items.items()):
         side = store.get_bytes(key.rsplit(".", 1)[0] + ".vectors.safetensors")
         sets[persona], metas[persona] = read_vector_sidecar(side)
-    kind = next((m["kind"] for m in metas.values()), None)
     out: dict[str, np.ndarray] = {}
-    report: dict = {"job_id": str(job.id), "dataset": job.dataset, "model": job.model,
-                    "dtype": job.dtype, "kind": kind, "default_persona": DEFAULT_PERSONA in sets}
-    default_mean = None
-    if DEFAULT_PERSONA in sets:
-        default_mean = sets[DEFAULT_PERSONA].vectors.get(DEFAULT_VECTOR)
-        need = any(vs.pending for p, vs in sets.items() if p != DEFAULT_PERSONA)
-        if need:
-            art = read_persona_artifact(store.get_bytes(items[DEFAULT_PERSONA]))
-            for persona, vs in sets.items():
-                if persona == DEFAULT_PERSONA:
-                    continue
-                for name, v in complete_pending(vs, art.activations, art.keys).items():
-                    out[f"{persona}.{name}"] = v
+    if DEFAULT_PERSONA in sets and any(vs.pending for p, vs in sets.items()
+                                       if p != DEFAULT_PERSONA):
+        art = read_persona_artifact(store.get_bytes(items[DEFAULT_PERSONA]))
+        for persona, vs in sets.items():
+            if persona == DEFAULT_PERSONA:
+                continue
+            for name, v in complete_pending(vs, art.activations, art.keys).items():
+                out[f"{persona}.{name}"] = v
+    about = {"job_id": str(job.id), "dataset": job.dataset, "model": job.model,
+             "dtype": job.dtype}
+    stored, _ = store_job_vectors(sets, metas, out, about=about, prefix=prefix, store=store,
+                                  on_event=on_event, axis_from=axis_from)
+    return stored
+
+
+def store_job_vectors(sets: dict, metas: dict, out: dict[str, np.ndarray], *, about: dict,
+                      prefix: str, store,
+                      on_event: Callable[[str, dict], None] = lambda k, d: None,
+                      axis_from: tuple[str, object] | None = None) -> tuple[list[dict], dict]:
+    """The job-level files from every persona's vectors (``sets``: persona -> VectorSet,
+    ``metas``: their sidecar metadata; ``out``: ``<persona>.<vector>`` tensors finished
+    already): the axis for roles, the report, ``job_vectors.safetensors`` and ``axis.json``.
+    A capture job's end and a pipeline's axis stage both store through here. Returns (the
+    stored objects, the report)."""
+    out = dict(out)
+    kind = next((m["kind"] for m in metas.values()), None)
+    report: dict = {**about, "kind": kind, "default_persona": DEFAULT_PERSONA in sets}
+    default_mean = (sets[DEFAULT_PERSONA].vectors.get(DEFAULT_VECTOR)
+                    if DEFAULT_PERSONA in sets else None)
     missing = {p: {"file": m.get("scores", {}).get("file"),
                    "present": m.get("scores", {}).get("present"),
                    "missing_keys": m.get("scores", {}).get("missing_keys", 0)}
@@ -92,13 +107,13 @@ def derive_job(*, job, items: dict[str, str], prefix: str, store,
     if out:
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(out.items())}
         data = save(tensors, metadata={"chatspace": json.dumps(
-            {"schema": "chatspace.job_vectors", "job_id": str(job.id), "kind": kind},
+            {"schema": "chatspace.job_vectors", "job_id": about.get("job_id"), "kind": kind},
             sort_keys=True)})
         stored.append(store.put_bytes(f"{prefix}/{VECTORS_FILE}", data, overwrite=True))
     stored.append(store.put_bytes(
         f"{prefix}/{AXIS_FILE}", json.dumps(report, sort_keys=True, indent=2).encode(),
         content_type="application/json", overwrite=True))
-    return [{"key": o.key, "sha256": o.sha256, "size": o.size} for o in stored]
+    return [{"key": o.key, "sha256": o.sha256, "size": o.size} for o in stored], report
 
 
 def _project_all(sets, out, axis) -> dict:

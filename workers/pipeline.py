@@ -228,7 +228,7 @@ def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
     vectors = derive_vectors(acts["response"], keys, kind=dataset.kind, scores=scores,
                              default_keys=default_keys, persona=ctx.persona,
                              min_count=ctx.params.min_count)
-    score_info = _report_scores(ctx, vectors, score_info)
+    score_info = report_scores(ctx, vectors, score_info)
     data, metadata = build_persona_artifact(
         activations=acts["response"], keys=keys, vectors=vectors, layers=layers,
         model=ctx.model, dtype=ctx.dtype, dataset=ctx.dataset, persona=ctx.persona,
@@ -281,7 +281,7 @@ def _scores(ctx: ItemContext, dataset):
     return scores, info
 
 
-def _report_scores(ctx: ItemContext, vectors, info: dict) -> dict:
+def report_scores(ctx, vectors, info: dict) -> dict:
     """Say which scores were needed and absent: in the artifact's metadata, and as a job
     event when a score file is unreadable or lacks keys (which persona, which file, how many
     keys and the first of them); personas with no file at all are listed in one event when

@@ -12,8 +12,10 @@ Where each stage keeps its results, under the job's prefix:
   ``scores/<persona>.judge.json`` with every sample's outcome;
 - ``minilm``    ``minilm.json``: the dataset's classifier, a score per rollout, per persona;
 - ``vectors``   ``vectors/<persona>.safetensors``: the persona's vectors with the judge's
-  scores (score-filtered ones included), counts in its metadata;
-- ``axis``      ``axis.safetensors`` + ``axis.json`` (roles: ``5_axis.py``);
+  scores (score-filtered ones included), counts in its metadata, in the capture job's
+  per-persona vectors format (``app.artifacts.build_vector_sidecar``);
+- ``axis``      ``job_vectors.safetensors`` (``axis``, ``default_mean``, ``role_mean``) +
+  ``axis.json``, as a capture job's end writes them (roles: ``5_axis.py``);
 - at the job's end ``scores/judge_summary.json`` over every judged persona
   (:func:`write_judge_summary`).
 
@@ -214,7 +216,7 @@ def _capture(ctx: StageContext) -> StageResult:
 
     from app.artifacts import build_persona_artifact
     from app.vectors import derive_vectors
-    from workers.pipeline import _layers, stored_spans
+    from workers.pipeline import _layers, provenance, stored_spans
 
     responses = load_responses(ctx)
     pctx = _pipeline_ctx(ctx)
@@ -223,12 +225,13 @@ def _capture(ctx: StageContext) -> StageResult:
     acts = {n: np.stack([r["means"][n].float().numpy() for r in rows])
             for n in stored_spans(pctx.params)}
     keys = [r["response"].key for r in rows]
-    unscored = derive_vectors(acts["response"], keys, kind=_dataset(ctx).kind)
+    unscored = derive_vectors(acts["response"], keys, kind=_dataset(ctx).kind,
+                              persona=ctx.persona)
     data, meta = build_persona_artifact(
         activations=acts["response"], keys=keys, vectors=unscored, layers=layers,
         model=ctx.model, dtype=ctx.dtype, dataset=ctx.dataset, persona=ctx.persona,
         extra_spans={n: a for n, a in acts.items() if n != "response"},
-        extra_metadata={"job_id": str(ctx.job_id), "stage": "capture",
+        extra_metadata={**provenance(pctx.engine), "job_id": str(ctx.job_id), "stage": "capture",
                         "response_spans": [list(r["response_span"]) for r in rows]})
     base = f"{ctx.prefix}/activations/{ctx.persona}"
     main = _put(ctx, base + ".safetensors", data, "application/octet-stream")
@@ -303,80 +306,77 @@ def _scores(ctx: StageContext, persona: str) -> dict | None:
     return json.loads(ctx.store.get_bytes(key))
 
 
-def _vectors(ctx: StageContext) -> StageResult:
-    import numpy as np
-    from safetensors.numpy import save
+def vectors_key(prefix: str, persona: str) -> str:
+    return f"{prefix}/vectors/{persona}.safetensors"
 
+
+def _vectors(ctx: StageContext) -> StageResult:
+    """The persona's vectors with the judge's scores (score-filtered ones included), derived
+    and stored as a capture job does (:func:`app.vectors.derive_vectors`, the
+    ``.vectors.safetensors`` format of :func:`app.artifacts.build_vector_sidecar`, scores
+    that are absent or lack keys reported the same way). The default persona's samples are
+    in the persona's own activations here, so its vectors against them are finished now."""
+    from dataclasses import replace
+
+    from app.artifacts import build_vector_sidecar
     from app.vectors import derive_vectors
+    from workers.pipeline import report_scores
 
     art = _read_activations(ctx, ctx.persona)
     scores = _scores(ctx, ctx.persona)
     kind = _dataset(ctx).kind
-    min_count = ctx.params.get("min_count")
     vs = derive_vectors(art.activations, art.keys, kind=kind, scores=scores,
-                        min_count=min_count)
-    tensors = {k: np.ascontiguousarray(v) for k, v in vs.vectors.items()}
-    if vs.contrast is not None:
-        tensors["contrast"] = np.ascontiguousarray(vs.contrast)
-    meta = {"persona": ctx.persona, "kind": kind, "counts": vs.counts,
-            "contrast_of": vs.contrast_of, "scored": scores is not None,
-            "n_scores": len(scores or {}), "n_samples": len(art.keys),
-            "layers": art.metadata.get("layers")}
-    data = save(tensors, metadata={"chatspace": json.dumps(meta)})
-    main = _put(ctx, f"{ctx.prefix}/vectors/{ctx.persona}.safetensors", data,
-                "application/octet-stream")
-    return _result(main, vectors=sorted(vs.vectors), counts=vs.counts, scored=meta["scored"])
+                        min_count=ctx.params.get("min_count"), persona=ctx.persona)
+    info = report_scores(ctx, vs, {"file": f"scores/{ctx.persona}.json",
+                                   "present": scores is not None})
+    vs = replace(vs, vectors=vs.named())
+    data = build_vector_sidecar(vs, persona=ctx.persona, kind=kind,
+                                layers=[int(x) for x in art.metadata["layers"]], scores=info,
+                                extra_metadata={"job_id": str(ctx.job_id), "stage": "vectors",
+                                                "contrast_of": vs.contrast_of,
+                                                "n_samples": len(art.keys)})
+    main = _put(ctx, vectors_key(ctx.prefix, ctx.persona), data, "application/octet-stream")
+    return _result(main, vectors=sorted(vs.vectors), counts=vs.counts,
+                   scored=scores is not None)
 
 
 def _axis(ctx: StageContext) -> StageResult:
-    """The assistant axis (assistant-axis ``pipeline/5_axis.py``): mean of the default
-    persona's vector minus the mean of the roles' ``pos_3`` vectors (``4_vectors.py``:
-    default = mean of all its activations, roles = mean of score-3 samples)."""
+    """The assistant axis (assistant-axis ``pipeline/5_axis.py``) and every persona's
+    projection on it, computed and stored as a capture job's end does
+    (:func:`workers.jobvectors.store_job_vectors`: ``job_vectors.safetensors`` and
+    ``axis.json``). The default persona is no item of a pipeline job: its samples sit in
+    every persona's responses, and its ``mean`` (``4_vectors.py``) is taken over each of
+    them once."""
     import numpy as np
-    from safetensors.numpy import load, save
+
+    from app.artifacts import read_vector_sidecar
+    from app.datasets import DEFAULT_PERSONA
+    from app.vectors import derive_vectors
+    from workers.jobvectors import AXIS_FILE, store_job_vectors
 
     dataset = _dataset(ctx)
-    extra = []
-    report: dict = {"kind": dataset.kind, "roles": [], "left_out": {}}
-    tensors: dict[str, np.ndarray] = {}
-    default_rows: dict[str, np.ndarray] = {}  # default-label samples, once per key
-    role_vectors = []
+    sets, metas, default_rows = {}, {}, {}
     for persona in dataset.personas:
-        key = f"{ctx.prefix}/vectors/{persona}.safetensors"
-        if not ctx.store.exists(key):
+        key = vectors_key(ctx.prefix, persona)
+        if persona == DEFAULT_PERSONA or not ctx.store.exists(key):
             continue
-        vecs = load(ctx.store.get_bytes(key))
+        sets[persona], metas[persona] = read_vector_sidecar(ctx.store.get_bytes(key))
         art = _read_activations(ctx, persona)
         for k, row in zip(art.keys, art.activations):
-            if persona == "default" or k.startswith("default_"):
-                default_rows.setdefault(k, row.astype(np.float64))
-        if persona == "default":
-            continue
-        if "pos_3" in vecs:
-            role_vectors.append(vecs["pos_3"].astype(np.float64))
-            report["roles"].append(persona)
-        else:
-            report["left_out"][persona] = "no pos_3 vector (too few score-3 samples)"
-    # 4_vectors.py: the default role's vector is the mean of all its activations
-    default_mean = np.mean(list(default_rows.values()), axis=0) if default_rows else None
-    report["default_samples"] = len(default_rows)
-    if dataset.kind == "roles" and default_mean is not None and role_vectors:
-        role_mean = np.mean(role_vectors, axis=0)
-        tensors = {"axis": (default_mean - role_mean).astype(np.float32),
-                   "default_mean": default_mean.astype(np.float32),
-                   "role_mean": role_mean.astype(np.float32)}
-        report["axis_norm_per_layer"] = [float(x) for x in np.linalg.norm(tensors["axis"],
-                                                                          axis=1)]
-    else:
-        report["axis"] = None
-        report["why_none"] = ("the axis is defined for roles datasets" if dataset.kind != "roles"
-                              else "needs the default persona and at least one pos_3 vector")
-    main = _put(ctx, f"{ctx.prefix}/axis.json", json.dumps(report, indent=1).encode(),
-                "application/json")
-    if tensors:
-        extra.append(_put(ctx, f"{ctx.prefix}/axis.safetensors", save(tensors),
-                          "application/octet-stream"))
-    return _result(main, extra, roles=len(report["roles"]), axis=bool(tensors))
+            if k.startswith(f"{DEFAULT_PERSONA}_"):
+                default_rows.setdefault(k, row)
+    if default_rows:
+        keys = sorted(default_rows)
+        sets[DEFAULT_PERSONA] = derive_vectors(np.stack([default_rows[k] for k in keys]), keys,
+                                               kind=dataset.kind, persona=DEFAULT_PERSONA)
+        metas[DEFAULT_PERSONA] = {"kind": dataset.kind, "persona": DEFAULT_PERSONA}
+    stored, report = store_job_vectors(
+        sets, metas, {}, about={"job_id": str(ctx.job_id), "dataset": ctx.dataset,
+                                "model": ctx.model, "dtype": ctx.dtype},
+        prefix=ctx.prefix, store=ctx.store, on_event=ctx.on_event)
+    main = next(o for o in stored if o["key"].endswith("/" + AXIS_FILE))
+    return _result(main, [o for o in stored if o is not main],
+                   roles=report.get("n_roles", 0), axis=bool(report.get("axis")))
 
 
 def write_judge_summary(store, prefix: str, personas) -> dict | None:
