@@ -69,6 +69,18 @@ class InvalidTransition(ChatspaceError):
     code = "invalid_transition"
 
 
+class UploadConflict(ChatspaceError):
+    """An upload's name already holds different content (uploads are never overwritten)."""
+
+    http_status = 409
+    code = "upload_conflict"
+
+
+class UploadTooLarge(SpecInvalid):
+    http_status = 413
+    code = "too_large"
+
+
 class Unauthorized(ChatspaceError):
     http_status = 401
     code = "unauthorized"

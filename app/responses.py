@@ -10,6 +10,11 @@ Two line formats are accepted, because researchers hold both today:
 - our rollout artifact lines (``workers/pipeline.py`` ``_rollout``): the same indices and
   ``label`` plus ``response`` and ``key``.
 
+Given files travel to the artifact store (:func:`store_upload`, behind ``PUT
+/uploads/responses/<upload id>/<persona>``): ``uploads/<upload id>/<persona>.jsonl``, the
+upload id a digest of every file's name and content (:func:`upload_id`), and a job's
+``params.responses`` names that folder.
+
 Labels ``neutral`` are read as ``default``, as persona-subspace's ``4_judge.py``
 (``organize_responses_by_question_and_label``) normalises them. A sample's key is
 ``"{label}_p{prompt_index}_q{question_index}"``, the key every public score and activation
@@ -19,13 +24,19 @@ lists everything wrong with a file before anything runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from app.errors import SpecInvalid
+from app.errors import SpecInvalid, UploadConflict, UploadTooLarge
 
 LABELS = ("pos", "neg", "default")
+UPLOADS = "uploads"  # the store's folder of given responses: uploads/<upload id>/<persona>.jsonl
+UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+PERSONA_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+MAX_UPLOAD_BYTES = 256 * 1024 * 1024  # one persona's file (1_generate.py: ~2 kB a sample)
 
 
 @dataclass(frozen=True)
@@ -139,3 +150,52 @@ def parse_responses(lines: Iterable[str | bytes], *, source: str = "responses") 
         raise SpecInvalid("no responses in the file", field=source,
                           hint="one JSON object a line in the 1_generate.py format")
     return out
+
+
+def upload_id(files: dict[str, bytes]) -> str:
+    """The name of an upload of responses files (persona -> content): a digest of every
+    file's name and content, so the same files go to the same place and a retried upload
+    rewrites nothing."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return h.hexdigest()[:32]
+
+
+def upload_prefix(upload: str) -> str:
+    return f"{UPLOADS}/{upload}"
+
+
+def upload_key(upload: str, persona: str) -> str:
+    return f"{upload_prefix(upload)}/{persona}.jsonl"
+
+
+def store_upload(store, *, upload: str, persona: str, data: bytes) -> dict:
+    """Check one persona's responses file and keep it where ``--responses uploads/<upload>``
+    reads it. Raises :class:`SpecInvalid` naming the line and field of every problem, and
+    :class:`UploadConflict` when that name already holds other content. Returns what was
+    stored, with the number of samples."""
+    if not UPLOAD_ID.match(upload):
+        raise SpecInvalid(f"upload id {upload[:80]!r} is not 32 hex digits", field="upload_id",
+                          hint="app.responses.upload_id(files) names an upload")
+    if not PERSONA_NAME.match(persona):
+        raise SpecInvalid(f"persona name {persona[:80]!r} is not a file name", field="persona",
+                          hint="letters, digits, '_', '.', '-'; the file is <persona>.jsonl")
+    source = f"{persona}.jsonl"
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(f"{source} is {len(data)} bytes", field=source,
+                             hint=f"at most {MAX_UPLOAD_BYTES} bytes a persona")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SpecInvalid(f"{source} line {line}: not UTF-8 text", field=source,
+                          hint="one JSON object a line in the 1_generate.py format") from None
+    rows = parse_responses(text.splitlines(), source=source)
+    key = upload_key(upload, persona)
+    if store.exists(key) and not store.verify(key, hashlib.sha256(data).hexdigest()):
+        raise UploadConflict(f"{key} already holds other content", field="upload_id",
+                             hint="name an upload by upload_id(files) of its own files")
+    obj = store.put_bytes(key, data, content_type="application/x-ndjson")
+    return {"responses": upload_prefix(upload), "persona": persona, "key": obj.key,
+            "sha256": obj.sha256, "size": obj.size, "samples": len(rows)}

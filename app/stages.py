@@ -299,10 +299,11 @@ def _responses_prefix(responses: str, personas: list[str], settings, session) ->
     """Where the given responses are: an earlier job's, or an uploads/ prefix. Every
     persona must have its file there."""
     from app.artifacts import job_prefix
+    from app.responses import UPLOADS
     from app.storage import get_store
 
     store = get_store(settings)
-    if responses.startswith("uploads/"):
+    if responses.startswith(UPLOADS + "/"):  # app.responses.upload_key: <prefix>/<persona>.jsonl
         prefix, layouts = responses.rstrip("/"), ("{p}/{n}.jsonl",)
     else:
         src = session.get(Job, responses) if session is not None else None

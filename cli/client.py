@@ -18,6 +18,7 @@ from app.errors import ChatspaceError
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 30.0
+UPLOAD_TIMEOUT_S = 600.0  # a persona's responses file may be a few hundred MB
 
 
 class ApiError(ChatspaceError):
@@ -97,6 +98,13 @@ class Client:
                                       f"{type(exc).__name__}") from None
         self._raise_for(resp)
         return resp.content
+
+    # ---- uploads
+    def upload_responses(self, upload: str, persona: str, data: bytes) -> dict:
+        """One persona's responses file into the artifact store (app.api.uploads)."""
+        slow = {} if self.where == "in-process" else {"timeout": UPLOAD_TIMEOUT_S}
+        return self._call("PUT", f"/uploads/responses/{upload}/{persona}", content=data,
+                          headers={"Content-Type": "application/x-ndjson"}, **slow)
 
     # ---- workers, datasets, health
     def workers(self) -> list[dict]:

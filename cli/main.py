@@ -121,7 +121,8 @@ def _params(pairs) -> dict:
                    "workers:MODEL for our own judge workers (worker --judge-model MODEL)")
 @click.option("--responses", default=None, metavar="JOB|PATH",
               help="capture and judge these responses instead of generating: an earlier "
-                   "job's id, or (in-process) a 1_generate.py JSONL file or folder of them")
+                   "job's id, or a 1_generate.py JSONL file (<persona>.jsonl) or folder of "
+                   "them, uploaded to the artifact store through the API")
 @click.option("--stages", default=None, help="pipeline stages, e.g. generate,capture,judge")
 @click.option("--param", "more", multiple=True, metavar="NAME=VALUE",
               help="any job parameter (see app/spec.py), VALUE as JSON; repeatable")
@@ -169,35 +170,31 @@ def submit(ctx, dataset, kind, model, dtype, layers, max_samples, questions, per
 
 def _responses(value: str | None, c) -> str | None:
     """A job id passes through; a local file or folder of ``<persona>.jsonl`` (the public
-    ``1_generate.py`` output) is checked line by line and put in the artifact store under
-    ``uploads/<digest>/``, which the job then reads."""
+    ``1_generate.py`` output; a file's name is its persona's) is checked line by line here,
+    then uploaded through the API (``PUT /uploads/responses/<id>/<persona>``, checked again
+    there) into the artifact store, in-process and remote alike; the job reads
+    ``uploads/<id>``."""
     if value is None or not Path(value).exists():
         return value
-    import hashlib
-
     from app.errors import SpecInvalid
-    from app.responses import parse_responses
-    from app.settings import get_settings
-    from app.storage import get_store
+    from app.responses import parse_responses, upload_id, upload_prefix
 
-    if c.where != "in-process":
-        raise SpecInvalid("a responses file can be given only in-process (no upload route)",
-                          field="params.responses",
-                          hint="submit without --api-url, or give the id of a job")
     path = Path(value)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
-        raise SpecInvalid(f"no *.jsonl files in {path}", field="params.responses")
+        raise SpecInvalid(f"no *.jsonl files in {path}", field="params.responses",
+                          hint="one <persona>.jsonl per persona, in the 1_generate.py format")
     blobs = {f.stem: f.read_bytes() for f in files}
+    for f in files:
+        try:
+            text = blobs[f.stem].decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecInvalid(f"{f} is not UTF-8 text", field="params.responses") from None
+        parse_responses(text.splitlines(), source=str(f))
+    upload = upload_id(blobs)
     for name, blob in blobs.items():
-        parse_responses(blob.decode().splitlines(), source=str(path / f"{name}.jsonl")
-                        if path.is_dir() else str(path))
-    digest = hashlib.sha256(b"".join(blobs[k] for k in sorted(blobs))).hexdigest()[:16]
-    store = get_store(get_settings())
-    for name, blob in blobs.items():
-        store.put_bytes(f"uploads/{digest}/{name}.jsonl", blob,
-                        content_type="application/x-ndjson", overwrite=True)
-    return f"uploads/{digest}"
+        c.upload_responses(upload, name, blob)
+    return upload_prefix(upload)
 
 
 def _start_local_worker(job_id: str):

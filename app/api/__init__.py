@@ -39,6 +39,7 @@ def create_app(settings=None, *, enqueue: Callable[[str], None] | None = None,
         openai_compat,
         sweeps,
         ui,
+        uploads,
         workers,
     )
     from app.db import default_factory
@@ -55,7 +56,8 @@ def create_app(settings=None, *, enqueue: Callable[[str], None] | None = None,
     app.state.control = control
     app.state.store = None
     errors.install(app)
-    for module in (health, jobs, sweeps, workers, artifacts, analysis, openai_compat):
+    for module in (health, jobs, sweeps, workers, artifacts, analysis, openai_compat,
+                   uploads):
         app.include_router(module.router)
     ui.install(app)
     if not public:

@@ -141,6 +141,15 @@ class ArtifactUrl(BaseModel):
     expires_s: int
 
 
+class UploadOut(BaseModel):
+    responses: str = Field(description="what a job's params.responses names: uploads/<id>")
+    persona: str
+    key: str
+    sha256: str
+    size: int
+    samples: int
+
+
 class DatasetOut(BaseModel):
     name: str
     kind: str
