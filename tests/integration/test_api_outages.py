@@ -138,9 +138,14 @@ def test_database_down_is_503_with_retry_after_on_every_route(monkeypatch, tmp_p
             assert ready.json()["checks"]["database"].startswith("error"), ready.text
             assert c.get("/healthz").status_code == 200  # alive, only not ready
             assert c.get("/datasets").status_code == 200  # needs no database
+            line = (b'{"label": "pos", "prompt_index": 0, "question_index": 0, "question": "q",'
+                    b' "response": "a"}\n')
+            up = c.put(f"/uploads/responses/{'0' * 32}/p", content=line)
+            assert up.status_code == 200 and up.json()["samples"] == 1, up.text  # no database
             paths = {r.path for r in app.routes if getattr(r, "include_in_schema", False)}
             covered = {p.replace(job, "{job_id}").replace("w1", "{name}")
-                       for _, p, _ in needs_db} | {"/readyz", "/healthz", "/datasets"}
+                       for _, p, _ in needs_db} | {"/readyz", "/healthz", "/datasets",
+                                                   "/uploads/responses/{upload}/{persona}"}
             assert paths - covered <= {"/artifacts/meta", "/artifacts/url",  # no database
                                        "/artifacts/content"}, paths - covered
     finally:

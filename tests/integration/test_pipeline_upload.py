@@ -82,6 +82,10 @@ def test_a_responses_folder_is_uploaded_through_the_api_and_read_by_the_stages(
     assert body["field"] == "optimistic.jsonl" and "line 1: field 'prompt_index'" in body[
         "message"], body
     assert httpx.put(api.url + url, content=blobs["optimistic"]).status_code == 401
+    monkeypatch.setattr("app.responses.MAX_UPLOAD_BYTES", 100)
+    big = api.http.put(url, content=blobs["optimistic"])
+    assert big.status_code == 413 and big.json()["field"] == "optimistic.jsonl", big.text
+    monkeypatch.setattr("app.responses.MAX_UPLOAD_BYTES", 256 * 1024 * 1024)
     assert not store.list("uploads/")
 
     # the good files: uploaded byte for byte into the API's store, the job reads them there
