@@ -142,10 +142,18 @@ def test_database_down_is_503_with_retry_after_on_every_route(monkeypatch, tmp_p
                     b' "response": "a"}\n')
             up = c.put(f"/uploads/responses/{'0' * 32}/p", content=line)
             assert up.status_code == 200 and up.json()["samples"] == 1, up.text  # no database
+            # the judge pool's OpenAI-compatible routes look up live judge workers
+            chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+            for method, path, kw in (("POST", "/v1/chat/completions", {"json": chat}),
+                                     ("GET", "/v1/models", {})):
+                r, took = _timed(c, method, path, **kw)
+                assert r.status_code == 503 and took < 5, (path, r.status_code, r.text)
+                assert r.headers.get("retry-after"), path
             paths = {r.path for r in app.routes if getattr(r, "include_in_schema", False)}
             covered = {p.replace(job, "{job_id}").replace("w1", "{name}")
                        for _, p, _ in needs_db} | {"/readyz", "/healthz", "/datasets",
-                                                   "/uploads/responses/{upload}/{persona}"}
+                                                   "/uploads/responses/{upload}/{persona}",
+                                                   "/v1/chat/completions", "/v1/models"}
             assert paths - covered <= {"/artifacts/meta", "/artifacts/url",  # no database
                                        "/artifacts/content"}, paths - covered
     finally:
