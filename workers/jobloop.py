@@ -6,6 +6,10 @@ re-enqueue, two workers on one queue): every item is taken with a Postgres lease
 attempt, so a duplicate task finds nothing to claim, or claims other personas of the same
 job in parallel, and never runs an item twice.
 
+A persona's engine part runs here; its store step (vectors, serialisation, upload) runs in a
+background thread while the next persona is claimed and streamed (:class:`_Stores`), and the
+item completes when its artifact's checksum is back.
+
 Errors map to states here: OOM after the last halving → ``failed(oom)``; cancel → the item
 is released and the job ends ``cancelled``; anything else → the item is failed and retried
 up to ``max_item_attempts``, then the job is ``failed(error)``. After every job, and every
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from sqlalchemy import select
@@ -100,11 +105,13 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
         loadfail.record([job_id], worker=worker.name, exc=exc)
         return {"job_id": job_id, "ran": 0, "reason": "the model could not be loaded"}
     store = get_store(settings)
-    ran = 0
+    stores = _Stores(job_id, worker)
     try:
         while True:
             claimed = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
             if claimed is None:
+                if stores.wait():  # a store that failed re-queued its item: claim it again
+                    continue
                 break
             item_id, attempt, persona, done_key, done_sha, _ = claimed
             if done_key and done_sha and store.verify(done_key, done_sha):
@@ -121,7 +128,7 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
                 load_vector=lambda j, p, k, layer: load_vector(store, j, p, k, layer))
             worker.busy(job_id)
             try:
-                result = pipeline.run_item(ctx)
+                store_step = pipeline.compute_item(ctx)
             except JobCancelled:
                 with session_scope() as s:
                     jobs.release_item(s, item_id=item_id, attempt=attempt, worker=worker.name)
@@ -138,17 +145,61 @@ def execute_job(job_id: str, *, worker: Worker) -> dict:
                          requeue=attempt < settings.max_item_attempts, what="fail")
                 runtime.cleanup(on_event=event)
                 continue
-            db_retry(_complete, job_id, item_id, attempt, worker.name, result.artifact_key,
-                     result.sha256, what="complete",
-                     info={"size": result.size, "extra": result.extra, **result.info})
-            ran += 1
+            stores.submit(item_id, attempt, persona, store_step)
         db_retry(finish, job_id, settings=settings, store=store, what="finish")
     finally:
+        stores.close()  # a persona being stored when the loop ended on an error completes
         figures = runtime.cleanup(on_event=event)
         if figures.get("memory"):
             event("cleanup", figures)
         worker.idle()
-    return {"job_id": job_id, "ran": ran}
+    return {"job_id": job_id, "ran": stores.ran}
+
+
+class _Stores:
+    """Each finished persona's store step (vectors, serialisation, upload: no engine) runs in
+    one background thread while the next persona streams through the engine. One at a time:
+    a new one waits for the last, so at most one persona's results wait in memory. The item
+    is completed only after its store step returned the artifact's checksum; a store that
+    fails fails its item (retried like any error). A crash before that re-runs the persona
+    into the same key: work is never lost, and no item is done without its artifact."""
+
+    def __init__(self, job_id: str, worker: Worker):
+        self.job_id, self.worker = job_id, worker
+        self.ran = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._last: Future | None = None
+
+    def submit(self, item_id, attempt, persona: str, step) -> None:
+        self.wait()
+        self._last = self._pool.submit(self._run, item_id, attempt, persona, step)
+
+    def wait(self) -> bool:
+        """Wait for the store step in flight; True when there was one."""
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()  # re-raises only what db_retry gave up on
+        return last is not None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _run(self, item_id, attempt, persona: str, step) -> None:
+        settings, name = self.worker.settings, self.worker.name
+        try:
+            result = step()
+        except Exception as exc:
+            log.exception("job %s persona %s: storing its artifact failed", self.job_id, persona)
+            db_retry(_fail, self.job_id, item_id, attempt, name, "error", exc,
+                     requeue=attempt < settings.max_item_attempts, what="fail")
+            return
+        db_retry(_complete, self.job_id, item_id, attempt, name, result.artifact_key,
+                 result.sha256, what="complete",
+                 info={"size": result.size, "extra": result.extra, **result.info})
+        self.ran += 1
 
 
 def execute_pipeline(job_id: str, *, worker: Worker, params: dict, prefix: str) -> dict:
@@ -306,7 +357,14 @@ def _progress_writer(item_id, attempt):
     return write
 
 
+CANCEL_CHECK_S = 0.5  # a cancel is read from the database at most this often
+
+
 def _cancel_checker(job_id):
+    """The pipeline asks between engine steps and per finished sample: the answer is read
+    from the database at most every ``CANCEL_CHECK_S`` (and stays True once seen)."""
+    last = {"at": float("-inf"), "value": False}
+
     def cancelled() -> bool:
         def read():
             with session_scope() as s:
@@ -314,7 +372,11 @@ def _cancel_checker(job_id):
                 return job is None or job.state == "cancelled" or bool(
                     getattr(job, "cancel_requested", False))
 
-        return db_retry(read, what="cancel check")
+        now = time.monotonic()
+        if not last["value"] and now - last["at"] >= CANCEL_CHECK_S:
+            last["value"] = db_retry(read, what="cancel check")
+            last["at"] = now
+        return last["value"]
 
     return cancelled
 
