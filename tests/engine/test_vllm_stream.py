@@ -20,8 +20,8 @@ pytest.importorskip("vllm")
 from workers.engine.engine import EngineError, SteeringEngine
 from workers.engine.spec import (
     CaptureSpec,
-    Reread,
     RequestSpec,
+    Reread,
     SamplingOptions,
     Span,
     SteerOp,
