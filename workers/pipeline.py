@@ -142,9 +142,17 @@ def item_samples(ctx: ItemContext, dataset, persona: str):
                            max_samples=ctx.params.max_samples)
 
 
+def batch_size(ctx: ItemContext) -> int:
+    """The job's cap on samples in flight; by default twice the engine's ``max_num_seqs``
+    (vLLM's scheduler then always has samples waiting) or 256 without one."""
+    if ctx.params.batch_size is not None:
+        return int(ctx.params.batch_size)
+    return 2 * int(getattr(ctx.engine, "max_num_seqs", 128))
+
+
 def _policy(ctx: ItemContext) -> BatchPolicy:
     kw = {"free_memory": ctx.free_memory} if ctx.free_memory else {}
-    return BatchPolicy(persona=ctx.persona, batch_size=ctx.params.batch_size,
+    return BatchPolicy(persona=ctx.persona, batch_size=batch_size(ctx),
                        min_batch=max(1, int(ctx.settings.engine.oom_min_batch)),
                        gpu_index=ctx.gpu_index, should_cancel=ctx.should_cancel,
                        on_event=ctx.on_event, **kw)

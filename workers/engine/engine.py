@@ -117,7 +117,7 @@ class SteeringEngine:
 
     def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.85, enforce_eager: bool = True,
-                 tensor_parallel_size: int = 1, max_num_seqs: int = 256,
+                 tensor_parallel_size: int = 1, max_num_seqs: int | None = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  load_format: str = "auto", seed: int = 0,
                  allow_unverified_family: bool = False, steering_path: str = "eager",
@@ -137,6 +137,12 @@ class SteeringEngine:
             os.environ.setdefault(F32_ENV, "ieee")
         from vllm import LLM
 
+        if max_num_seqs is None:  # vLLM's offline default for this card (NVML, no CUDA here)
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.usage.usage_lib import UsageContext
+
+            max_num_seqs = int(EngineArgs.get_batch_defaults(tensor_parallel_size)[1][
+                UsageContext.LLM_CLASS])
         self.model = model
         self.memory_before = _gpu_memory()
         self.memory_after: dict | None = None
