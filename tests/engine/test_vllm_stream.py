@@ -143,3 +143,12 @@ def test_stream_closed_early_leaves_the_engine_clean(eng):
         if a.capture is not None:
             for span, mean in a.capture.means.items():
                 _close(b.capture.means[span], mean, f"{a.key} {span} after an aborted stream")
+
+
+def test_warm_up_streams_at_the_engines_maxima_and_leaves_it_serving(eng):
+    prompts, specs, _ = _inputs(eng)
+    opts = SamplingOptions(max_tokens=5, ignore_eos=True)
+    before = eng.generate(prompts[:3], opts, specs[:3])
+    eng.warm_up(16)  # 16 samples filling the 64-token step budget, sampled, then re-read
+    after = eng.generate(prompts[:3], opts, specs[:3])
+    assert [a.token_ids for a in after] == [b.token_ids for b in before]

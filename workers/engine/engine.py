@@ -110,6 +110,10 @@ class SteeringEngine:
     ``VLLM_USE_V2_MODEL_RUNNER`` is set to ``0`` before vLLM starts unless already set: the
     hooks need the V1 model runner (:mod:`.runner`); any other runner is refused.
 
+    ``max_num_seqs=None`` takes vLLM's own offline default for the card (1024 on an
+    H100/H200, 256 on smaller GPUs and on CPUs); :meth:`stream` keeps twice that in flight by
+    default, so the scheduler always has samples waiting.
+
     ``allow_unverified_family`` serves a decoder-layer class outside :data:`families.VERIFIED`
     (for experiments); the class is then in ``unverified_family``, which the caller must
     record with every result. The stream check runs either way.
@@ -309,22 +313,21 @@ class SteeringEngine:
 
     def warm_up(self, n: int | None = None, prompt_len: int | None = None,
                 max_tokens: int = 16) -> None:
-        """A job-shaped stream at the engine's maxima whose results are dropped: ``n`` samples
+        """A capture job's shape at the engine's maxima, results dropped: ``n`` samples
         (default ``max_num_seqs``) whose prompts together fill one step's token budget,
-        sampled at temperature 1 with top-p (vLLM's sorting sampler path at full batch),
-        captured while generating, then each one's exact re-read. The worker reads its warm
-        memory baseline after this: vLLM's allocator pools, the sampler's buffers and the
-        capture sums then hold what a real job grows them to."""
+        sampled at temperature 1 with top-p (vLLM's sorting sampler path at full batch), each
+        then re-read capturing its response mean (a job's default), all through one stream.
+        The worker reads its warm memory baseline after this: vLLM's allocator pools, the
+        sampler's buffers and the capture sums then hold what a real job grows them to."""
         n = max(1, int(n or self.max_num_seqs))
         room = int(self._llm.llm_engine.vllm_config.model_config.max_model_len) - max_tokens - 1
         if prompt_len is None:
             prompt_len = self.max_num_batched_tokens // n
         prompt_len = max(4, min(int(prompt_len), room))
         vocab = max(16, min(len(self.tokenizer), 4096))
-        items = [StreamItem(i, [3 + (i * 131 + j * 7) % (vocab - 3) for j in range(prompt_len)],
-                            RequestSpec(capture=CaptureSpec(), key=f"warm-up-{i}"))
-                 for i in range(n)]
-        spec = RequestSpec(capture=CaptureSpec(), key="warm-up")
+        items = (StreamItem(i, [3 + (i * 131 + j * 7) % (vocab - 3) for j in range(prompt_len)])
+                 for i in range(n))
+        spec = RequestSpec(capture=CaptureSpec(prompt=False, last_prompt=False), key="warm-up")
         options = SamplingOptions(max_tokens=max_tokens, temperature=1.0, top_p=0.95,
                                   ignore_eos=True)
         for _ in self.stream(items, options, max_in_flight=2 * n,
