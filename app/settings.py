@@ -68,12 +68,15 @@ class EngineSettings(BaseSettings):
     async_scheduling: bool | None = None
     # vLLM's load_format; "dummy" = random weights from the config (benchmarks at real shapes)
     load_format: str = "auto"
-    max_num_seqs: int = 256
+    # sequences vLLM runs at once; None = vLLM's own offline default for the card
+    # (EngineArgs.get_batch_defaults: 1024 on an H100/H200, 256 on smaller GPUs and CPUs)
+    max_num_seqs: int | None = None
     tensor_parallel_size: int = 1
     oom_min_batch: int = 1  # OOM retries halve the batch down to this floor
     memory_slack_mb: int = 512  # GPU memory above baseline tolerated after cleanup
-    # prompts of the warm-up batch run before the warm baseline is read (0 = none)
-    warmup_prompts: int = 64
+    # samples of the warm-up stream run before the warm baseline is read (0 = none;
+    # None = the engine's max_num_seqs, its prompts filling one step's token budget)
+    warmup_prompts: int | None = None
     # Serve a decoder-layer class outside the verified families (workers/engine/families.py),
     # for experiments: every artifact then records unverified_family. The engine's start-up
     # stream check still refuses a layer whose output is not (delta, residual).

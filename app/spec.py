@@ -53,8 +53,9 @@ class JobParams(BaseModel):
         None, description="a succeeded roles capture job of the same model: every persona's "
                           "vectors are projected on its assistant axis (axis.json)")
     batch_size: StrictInt | None = Field(sampling.BATCH_SIZE,
-                                         description="samples handed to the engine at once: a memory cap "
-                                         "(vLLM's scheduler batches them); halved on OOM")
+                                         description="samples in the engine at once: a memory cap "
+                                         "(vLLM's scheduler batches them; default twice the "
+                                         "engine's max_num_seqs); halved on OOM")
     max_tokens: StrictInt | None = Field(sampling.MAX_TOKENS,
                                          description="tokens generated per response")
     temperature: float | None = Field(sampling.TEMPERATURE,

@@ -5,9 +5,11 @@ capture jobs through the same in-process API client, and a real local worker (th
 worker`` process ``submit --wait`` starts, :func:`workers.cli.spawn_worker`) runs them with
 its own engine. Side by side in the same run, with the repetitions interleaved, the bench's
 own :class:`workers.engine.engine.SteeringEngine` runs the same prompts alone: generate every
-sample of a persona, then the exact re-read of each conversation (what the pipeline does,
-without the service around it). Both engines are resident at once, each with
-``--gpu-memory-utilization``.
+sample of a persona, then the exact re-read of each conversation (what the pipeline did
+before it streamed, without the service around it; the ratio column is against this), and the
+same through the engine's stream (``engine_alone_stream``: each re-read added as its
+generation finishes, the most the streaming pipeline can reach). Both engines are resident at
+once, each with ``--gpu-memory-utilization``.
 
 Printed per run: samples/s (a job's samples over first persona start → last persona end),
 seconds per 2,400-sample persona (the published traits size: 5 pos + 5 neg prompts x 240
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -213,6 +216,55 @@ def _engine_alone(eng, samples, args, layers) -> dict:
             "generated_tokens": gen_tokens, "reread_response_tokens": reread}
 
 
+def _engine_stream(eng, samples, args, layers) -> dict:
+    """The same work through the engine's stream with no service: every sample in vLLM's
+    scheduler (at most twice ``max_num_seqs`` in flight), each re-read added as its
+    generation finishes; the most the service's streaming pipeline can reach."""
+    from app.prompts import build_prompt
+    from workers.engine.spec import (
+        CaptureSpec,
+        RequestSpec,
+        Reread,
+        SamplingOptions,
+        Span,
+        StreamItem,
+    )
+    from workers.pipeline import template_kwargs
+
+    tok = eng.tokenizer
+    kw = template_kwargs(tok)
+    opts = SamplingOptions(max_tokens=args.tokens, temperature=args.temperature,
+                           seed=0 if args.temperature > 0 else None)
+    gen_tokens = reread_tokens = 0
+
+    def items():
+        for i, s in enumerate(samples):
+            p = build_prompt(tok, system=s.system_prompt or None, question=s.question,
+                             template_kwargs=kw)
+            yield StreamItem(i, p.input_ids)
+
+    def reread(item, gen):
+        nonlocal gen_tokens, reread_tokens
+        s = samples[item.tag]
+        f = build_prompt(tok, system=s.system_prompt or None, question=s.question,
+                         response=gen.text, template_kwargs=kw)
+        gen_tokens += len(gen.token_ids)
+        reread_tokens += f.response_span[1] - f.response_span[0]
+        return Reread(f.input_ids, RequestSpec(key=s.key, capture=CaptureSpec(
+            layers=layers, prompt=False, response=False, last_prompt=False,
+            spans=(Span("cs_response", *f.response_span),))))
+
+    t = time.time()
+    n = 0
+    for batch in eng.stream(items(), opts, reread=reread):
+        for r in batch:
+            r.capture.means["cs_response"].float().numpy()  # to host, as the pipeline does
+            n += 1
+    dt = time.time() - t
+    return {"samples": n, "samples_per_s": n / dt, "wall_s": dt,
+            "generated_tokens": gen_tokens, "reread_response_tokens": reread_tokens}
+
+
 def _summary(vals: list[float]) -> dict:
     med = statistics.median(vals)
     return {"values": vals, "median": med, "min": min(vals), "max": max(vals),
@@ -283,6 +335,7 @@ def main(argv=None) -> dict:
     sizes = [s.strip() for s in args.batch_sizes.split(",") if s.strip()]
     runs: dict[str, list[dict]] = {f"service_batch_{s}": [] for s in sizes}
     runs["engine_alone"] = []
+    runs["engine_alone_stream"] = []
     eng = None
     try:
         # The cold job: the worker loads its engine while the bench loads its own.
@@ -305,6 +358,10 @@ def main(argv=None) -> dict:
             alone = _engine_alone(eng, samples, args, layers)
             alone["gpu_util"] = sampler.mean(t, time.time())
             runs["engine_alone"].append(alone)
+            t = time.time()
+            streamed = _engine_stream(eng, samples, args, layers)
+            streamed["gpu_util"] = sampler.mean(t, time.time())
+            runs["engine_alone_stream"].append(streamed)
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
                 f"{k} {v[-1]['samples_per_s']:.2f}/s" for k, v in runs.items()), flush=True)
     finally:
@@ -317,6 +374,7 @@ def main(argv=None) -> dict:
             worker.kill()
         sampler.stop()
     result = _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0)
+    result["worker_engine"] = _engine_starts(log_path)
     _print(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +392,7 @@ def _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0) 
                "s_per_published_persona": PUBLISHED_PERSONA / rate["median"],
                "gpu_util_mean": statistics.mean(util) if util else None,
                "ratio_to_engine_alone": rate["median"] / alone}
-        if name != "engine_alone":
+        if not name.startswith("engine_alone"):
             row["bytes_per_sample"] = statistics.median(r["bytes_per_sample"] for r in rs)
             row["submit_to_first_start_s_warm"] = _summary(
                 [r["submit_to_first_start_s"] for r in rs])
@@ -353,6 +411,15 @@ def _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0) 
                      "settings": env, "params": args.params,
                      "bench_wall_s": time.time() - t0},
             "cold": cold, "bench_engine_start_s": engine_start_s, "rows": rows, "raw": runs}
+
+
+def _engine_starts(log_path: Path) -> dict:
+    """The worker's engine starts and restarts over the whole run, from its log: a warm
+    worker starts its engine once (its cold start: load, then warm-up)."""
+    text = log_path.read_text(errors="replace")
+    starts = [{"load_s": float(a), "warm_up_s": float(b)} for a, b in re.findall(
+        r"engine started: .* loaded in ([\d.]+)s, warm-up ([\d.]+)s", text)]
+    return {"starts": starts, "restarts": text.count("restarting engine")}
 
 
 def _print(result: dict) -> None:
@@ -374,6 +441,9 @@ def _print(result: dict) -> None:
           f"{cold['submit_to_first_start_s']:.1f}s, -> first persona done "
           f"{cold['submit_to_first_persona_s']:.1f}s; the bench's own engine loaded in "
           f"{result['bench_engine_start_s']:.1f}s")
+    eng = result.get("worker_engine") or {}
+    print(f"worker engine: {len(eng.get('starts', []))} start(s) "
+          f"{eng.get('starts')}, {eng.get('restarts')} restart(s) over the run")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
-"""Running a persona's samples through the engine in chunks, with the OOM policy.
+"""Running a persona's samples through the engine, with the OOM policy.
 
-``batch_size`` is a memory cap: each chunk goes to the engine in one call and vLLM's
-scheduler batches it (``engine.max_num_seqs`` sequences running at a time, refilled as they
-finish), so a chunk at least as large as ``max_num_seqs`` keeps the GPU as busy as one call
-with the whole persona would, while what one call holds (capture sums on the device, results
-on the host) stays bounded.
+``batch_size`` is a memory cap. :meth:`BatchPolicy.stream` hands the persona to the engine's
+stream (:meth:`workers.engine.protocol.Engine.stream`) with at most ``batch_size`` samples in
+flight: vLLM's scheduler batches them (``engine.max_num_seqs`` running at a time, refilled as
+they finish) and nothing drains between chunks. :meth:`BatchPolicy.run` calls a function per
+chunk of ``batch_size`` (the sweep and the pipeline stages that capture given responses).
 
-An out-of-memory error on a batch (anything :func:`workers.gpu.is_oom` recognises) frees
-memory, halves the batch size and retries that same batch; samples already done are kept.
-Below ``engine.oom_min_batch`` the persona fails with :class:`app.errors.EngineOOM` carrying
-every batch size that failed and the memory readings. Cancel is checked between batches.
+An out-of-memory error (anything :func:`workers.gpu.is_oom` recognises) frees memory and
+halves the batch size; a chunk is retried, a stream restarts with the samples it had not
+finished (those done are kept). Below ``engine.oom_min_batch`` the persona fails with
+:class:`app.errors.EngineOOM` carrying every batch size that failed and the memory readings.
+Cancel is checked before each chunk and each (re)start of a stream.
 
 Test hook — ``CHATSPACE_FAULT_OOM="<persona>:<times>"`` (comma-separate several): the first
 ``<times>`` batches of that persona in this worker process raise an injected OOM before
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -101,6 +103,34 @@ class BatchPolicy:
             if on_batch:
                 on_batch(start, results)
         return out
+
+    def stream(self, items: Sequence[T],
+               run: Callable[[list[tuple[int, T]], int], Iterator[list[tuple[int, R]]]],
+               *, on_results: Callable[[int, list[tuple[int, R]]], None] | None = None
+               ) -> list[R]:
+        """Results of ``items`` in their order. ``run(pending, cap)`` streams ``pending``
+        ((index, item) pairs) with at most ``cap`` in flight and yields (index, result) lists
+        as they finish; ``on_results(done, results)`` after each. On out-of-memory the stream
+        is closed (the engine aborts what it holds), the cap halves and the items without a
+        result stream again."""
+        out: dict[int, R] = {}
+        while len(out) < len(items):
+            if self.should_cancel():
+                raise JobCancelled(f"cancelled after {len(out)} of {len(items)} samples")
+            pending = [(i, x) for i, x in enumerate(items) if i not in out]
+            size = min(self.batch_size, len(pending))
+            try:
+                maybe_inject_oom(self.persona)
+                with closing(run(pending, self.batch_size)) as results:
+                    for got in results:
+                        out.update(got)
+                        if on_results:
+                            on_results(len(out), got)
+            except Exception as exc:
+                if not gpu.is_oom(exc):
+                    raise
+                self._on_oom(exc, size)
+        return [out[i] for i in range(len(items))]
 
     def _on_oom(self, exc: BaseException, size: int) -> None:
         self.failed_sizes.append(size)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -84,22 +85,62 @@ def memory(gpu: str | None) -> MemoryReading | None:
     return MemoryReading(used=used, total=total)
 
 
+def process_memory(gpu: str | None, pids: set[int]) -> int | None:
+    """Bytes the processes ``pids`` hold on one GPU, from the driver's per-process
+    accounting; None when the GPU lists none of them (no GPU, no per-process accounting, or a
+    PID namespace that shows other numbers): the caller then reads the whole device."""
+    if gpu is None or gpu == "":
+        return None
+    rows = _compute_apps(gpu)
+    mine = [used for pid, used in rows if pid in pids and used is not None]
+    return sum(mine) if mine else None
+
+
+def _compute_apps(gpu: str) -> list[tuple[int, int | None]]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
+            return [(int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
+                    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        log.debug("NVML process list failed; trying nvidia-smi", exc_info=True)
+    out = _nvidia_smi(["-i", str(gpu), "--query-compute-apps=pid,used_memory",
+                       "--format=csv,noheader,nounits"])
+    rows = []
+    for line in (out or "").splitlines():
+        try:
+            pid, used = (x.strip() for x in line.split(","))
+            rows.append((int(pid), int(float(used)) * 1024 * 1024))
+        except ValueError:
+            continue
+    return rows
+
+
 def wait_for_baseline(gpu: str | None, baseline: MemoryReading | None, *, slack_bytes: int,
-                      timeout_s: float = 30.0) -> tuple[bool, MemoryReading | None]:
-    """Poll until device memory is back within ``slack_bytes`` of ``baseline``.
+                      timeout_s: float = 30.0,
+                      read: Callable[[], MemoryReading | None] | None = None,
+                      ) -> tuple[bool, MemoryReading | None]:
+    """Poll until memory (``read()``, by default the device's) is back within
+    ``slack_bytes`` of ``baseline``.
 
     Freed memory shows up in NVML only after the owning process exits or calls into the
     driver, so a short poll avoids restarting an engine that was about to be clean.
     """
     if baseline is None:
         return True, None
+    read = read or (lambda: memory(gpu))
     deadline = time.monotonic() + timeout_s
-    reading = memory(gpu)
+    reading = read()
     while reading is not None and reading.used > baseline.used + slack_bytes:
         if time.monotonic() > deadline:
             return False, reading
         time.sleep(0.5)
-        reading = memory(gpu)
+        reading = read()
     return True, reading
 
 

@@ -9,7 +9,10 @@ job in parallel, and never runs an item twice.
 One loop (:func:`_run`) serves both kinds of job; what differs is a small steps object:
 :class:`ItemSteps` (capture, rollout: one item per persona, all on the engine) and
 :class:`PipelineSteps` (one item per (stage, persona), the engine only for generate and
-capture). Errors map to states in the loop: OOM after the last halving → ``failed(oom)``;
+capture). A capture or rollout persona's engine part runs in the loop; its store step (vectors,
+serialisation, upload) runs in a background thread while the next persona is claimed and
+streamed (:class:`_Stores`), and the item completes when its artifact's checksum is back.
+Errors map to states in the loop: OOM after the last halving → ``failed(oom)``;
 cancel → the item is released and the job ends ``cancelled``; a failed engine load → a
 ``load_failed`` event on the job (:mod:`workers.loadfail`); anything else → the item is
 failed and retried up to ``max_item_attempts``, then the job is ``failed(error)``. After
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -161,7 +165,7 @@ class ItemSteps:
             settings=worker.settings, artifact_prefix=h.prefix, gpu_index=worker.runtime.gpu,
             on_event=event, on_progress=progress, should_cancel=cancelled,
             load_vector=lambda j, p, k, layer: load_vector(store, j, p, k, layer))
-        return pipeline.run_item(ctx), {}
+        return pipeline.compute_item(ctx), {}  # its store step runs in the background
 
     def before_finish(self, store) -> None:
         pass
@@ -265,10 +269,13 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
         return {"job_id": job_id, "ran": 0, "reason": "the model could not be loaded"}
     store = get_store(settings)
     ran = 0
+    stores = _Stores(job_id, worker)
     try:
         while True:
             item = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
             if item is None:
+                if stores.wait():  # a store that failed re-queued its item: claim it again
+                    continue
                 break
             if item.done_key and item.done_sha and store.verify(item.done_key, item.done_sha):
                 db_retry(_complete, job_id, item.id, item.attempt, worker.name, item.done_key,
@@ -277,7 +284,9 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
                 continue
             if steps.needs_engine(item) and not engine.load():
                 db_retry(_release, item, worker.name, what="release")
-                return {"job_id": job_id, "ran": ran, "reason": "the model could not be loaded"}
+                stores.close()
+                return {"job_id": job_id, "ran": ran + stores.ran,
+                        "reason": "the model could not be loaded"}
             worker.busy(job_id)
             try:
                 result, info = steps.run(item, engine=engine, store=store, worker=worker,
@@ -313,19 +322,70 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
                 if isinstance(exc, RetryableError) and requeue:
                     break  # the judge is down: the item waits queued for a later delivery
                 continue
+            if callable(result):  # a store step: vectors, serialisation, upload off the engine
+                stores.submit(item.id, item.attempt, item.persona, result, info)
+                continue
             db_retry(_complete, job_id, item.id, item.attempt, worker.name,
                      result.artifact_key, result.sha256, what="complete",
                      info={"size": result.size, "extra": result.extra, **info, **result.info})
             ran += 1
+        stores.close()
         steps.before_finish(store)
         db_retry(finish, job_id, settings=settings, store=store, what="finish")
     finally:
+        stores.close()  # a persona being stored when the loop ended on an error completes
         if engine.engine is not None:
             figures = runtime.cleanup(on_event=event)
             if figures.get("memory"):
                 event("cleanup", figures)
         worker.idle()
-    return {"job_id": job_id, "ran": ran}
+    return {"job_id": job_id, "ran": ran + stores.ran}
+
+
+class _Stores:
+    """Each finished persona's store step (vectors, serialisation, upload: no engine) runs in
+    one background thread while the next persona streams through the engine. One at a time:
+    a new one waits for the last, so at most one persona's results wait in memory. The item
+    is completed only after its store step returned the artifact's checksum; a store that
+    fails fails its item (retried like any error). A crash before that re-runs the persona
+    into the same key: work is never lost, and no item is done without its artifact."""
+
+    def __init__(self, job_id: str, worker: Worker):
+        self.job_id, self.worker = job_id, worker
+        self.ran = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._last: Future | None = None
+
+    def submit(self, item_id, attempt, persona: str, step, info: dict | None = None) -> None:
+        self.wait()
+        self._last = self._pool.submit(self._run, item_id, attempt, persona, step, info or {})
+
+    def wait(self) -> bool:
+        """Wait for the store step in flight; True when there was one."""
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()  # re-raises only what db_retry gave up on
+        return last is not None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _run(self, item_id, attempt, persona: str, step, info: dict) -> None:
+        settings, name = self.worker.settings, self.worker.name
+        try:
+            result = step()
+        except Exception as exc:
+            log.exception("job %s persona %s: storing its artifact failed", self.job_id, persona)
+            db_retry(_fail, self.job_id, item_id, attempt, name, "error", exc,
+                     requeue=attempt < settings.max_item_attempts, what="fail")
+            return
+        db_retry(_complete, self.job_id, item_id, attempt, name, result.artifact_key,
+                 result.sha256, what="complete",
+                 info={"size": result.size, "extra": result.extra, **info, **result.info})
+        self.ran += 1
 
 
 def _claim(job_id, worker, lease_s) -> Claimed | None:
@@ -405,7 +465,14 @@ def _progress_writer(item_id, attempt):
     return write
 
 
+CANCEL_CHECK_S = 0.5  # a cancel is read from the database at most this often
+
+
 def _cancel_checker(job_id):
+    """The pipeline asks between engine steps and per finished sample: the answer is read
+    from the database at most every ``CANCEL_CHECK_S`` (and stays True once seen)."""
+    last = {"at": float("-inf"), "value": False}
+
     def cancelled() -> bool:
         def read():
             with session_scope() as s:
@@ -413,7 +480,11 @@ def _cancel_checker(job_id):
                 return job is None or job.state == "cancelled" or bool(
                     getattr(job, "cancel_requested", False))
 
-        return db_retry(read, what="cancel check")
+        now = time.monotonic()
+        if not last["value"] and now - last["at"] >= CANCEL_CHECK_S:
+            last["value"] = db_retry(read, what="cancel check")
+            last["at"] = now
+        return last["value"]
 
     return cancelled
 

@@ -34,7 +34,7 @@ class JobParams(JobSpecParams):
             first = exc.errors()[0]
             where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
             raise SpecInvalid(first["msg"], field=f"params{where}") from None
-        if out.batch_size < 1:
+        if out.batch_size is not None and out.batch_size < 1:
             raise SpecInvalid("must be at least 1", field="params.batch_size")
         if out.max_tokens < 1:
             raise SpecInvalid("must be at least 1", field="params.max_tokens")

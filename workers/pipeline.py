@@ -1,19 +1,22 @@
 """Capture and rollout, one persona (one job item) at a time: prompts → engine → store.
 
-Capture, per chunk of ``batch_size`` samples (a memory cap: vLLM's scheduler batches the
-chunk, :mod:`workers.batching`): generate responses (temperature / max_tokens / seed from the
-job's params), then re-read each finished conversation in one exact prefill pass and keep,
-per layer, the mean over every assistant-response token (the span :func:`app.prompts.
-build_prompt` computes from the chat template); the prompt-span mean and the last prompt
-token only when ``params.spans`` asks for them. Means are stored as float32 whatever the
-model's dtype (``storage_dtype`` in the metadata). After the last batch the persona vectors are derived (:mod:`app.vectors`) and the
-artifact (safetensors + JSON metadata, and a small ``.vectors.safetensors`` the job's end
-reads: :mod:`workers.jobvectors`) is written to the store; a ``.pt`` copy only with
-``CHATSPACE_WRITE_PT`` (``artifacts export`` writes one on demand). The default persona is
-one item of its own, captured once per job; vectors against it finish when the job ends. The
-caller marks the item done only after :func:`run_item` returned the artifact's checksum: a
-crash in between re-does one persona into the same key and never leaves a done item
-without its artifact.
+Capture: the persona's samples stream into the engine (:meth:`workers.engine.protocol.
+Engine.stream`, at most ``batch_size`` in flight: a memory cap, vLLM's scheduler batches
+them; OOM halving in :mod:`workers.batching`). Each response is generated (temperature /
+max_tokens / seed from the job's params) and, the moment it finishes, the conversation is
+re-read in one exact prefill pass that keeps, per layer, the mean over every
+assistant-response token (the span :func:`app.prompts.build_prompt` computes from the chat
+template); the prompt-span mean and the last prompt token only when ``params.spans`` asks for
+them. Means are stored as float32 whatever the model's dtype (``storage_dtype`` in the
+metadata). When every sample is in, :func:`compute_item` returns the store step: the persona
+vectors are derived (:mod:`app.vectors`) and the artifact (safetensors + JSON metadata, and a
+small ``.vectors.safetensors`` the job's end reads: :mod:`workers.jobvectors`) is written to
+the store; a ``.pt`` copy only with ``CHATSPACE_WRITE_PT`` (``artifacts export`` writes one on
+demand). The job loop runs that step in a thread while the next persona streams. The default
+persona is one item of its own, captured once per job; vectors against it finish when the job
+ends. The caller marks the item done only after the store step returned the artifact's
+checksum: a crash in between re-does one persona into the same key and never leaves a done
+item without its artifact.
 
 Rollout writes the responses as JSONL (one line per sample) with the steering spec used;
 with ``capture`` on it also stores the activations like a capture job.
@@ -25,7 +28,9 @@ import io
 import json
 import logging
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -43,7 +48,8 @@ from app.vectors import derive_vectors
 from workers import sweep
 from workers.batching import BatchPolicy, JobCancelled
 from workers.engine.protocol import Engine
-from workers.engine.spec import CaptureSpec, RequestSpec, Span
+from workers.engine.spec import CaptureSpec, RequestSpec, Reread, Span, StreamItem
+from workers.engine.stream import sequential_stream
 from workers.params import JobParams, resolve_steering
 
 log = logging.getLogger(__name__)
@@ -110,6 +116,13 @@ def artifact_key(ctx: ItemContext) -> str:
 
 def run_item(ctx: ItemContext) -> ItemResult:
     """Compute one persona and store its artifact(s). Raises EngineOOM / JobCancelled."""
+    return compute_item(ctx)()
+
+
+def compute_item(ctx: ItemContext) -> Callable[[], ItemResult]:
+    """Run one persona through the engine; returns the step that derives its vectors,
+    serialises and stores its artifact(s). That step needs no engine: the job loop runs it
+    in a thread while the next persona streams. Raises EngineOOM / JobCancelled."""
     dataset = load_dataset(ctx.dataset, settings=ctx.settings)
     samples = item_samples(ctx, dataset, ctx.persona)
     if not samples:
@@ -129,9 +142,17 @@ def item_samples(ctx: ItemContext, dataset, persona: str):
                            max_samples=ctx.params.max_samples)
 
 
+def batch_size(ctx: ItemContext) -> int:
+    """The job's cap on samples in flight; by default twice the engine's ``max_num_seqs``
+    (vLLM's scheduler then always has samples waiting) or 256 without one."""
+    if ctx.params.batch_size is not None:
+        return int(ctx.params.batch_size)
+    return 2 * int(getattr(ctx.engine, "max_num_seqs", 128))
+
+
 def _policy(ctx: ItemContext) -> BatchPolicy:
     kw = {"free_memory": ctx.free_memory} if ctx.free_memory else {}
-    return BatchPolicy(persona=ctx.persona, batch_size=ctx.params.batch_size,
+    return BatchPolicy(persona=ctx.persona, batch_size=batch_size(ctx),
                        min_batch=max(1, int(ctx.settings.engine.oom_min_batch)),
                        gpu_index=ctx.gpu_index, should_cancel=ctx.should_cancel,
                        on_event=ctx.on_event, **kw)
@@ -167,57 +188,85 @@ def template_kwargs(tokenizer) -> dict:
     return kwargs
 
 
+def _engine_stream(engine):
+    """The engine's :meth:`~workers.engine.protocol.Engine.stream`; an engine that only
+    generates and captures (a test double) streams in chunks through the same contract."""
+    stream = getattr(engine, "stream", None)
+    return stream if stream is not None else partial(sequential_stream, engine)
+
+
 def generate_and_capture(ctx: ItemContext, samples, *, steer=(), capture: bool,
                          policy: BatchPolicy | None = None) -> list[dict]:
-    """Per sample: the generated response and, with ``capture``, its exact-mode means."""
+    """Per sample: the generated response and, with ``capture``, its exact-mode means.
+
+    The samples stream into the engine (at most ``batch_size`` in flight); prompts are built
+    as the engine pulls them, each finished response is re-read at once, and what is kept
+    per sample is a few numbers and its means (already on the host)."""
     tok = ctx.engine.tokenizer
     kwargs = template_kwargs(tok)
     layers = _layers(ctx) if capture else ()
     names = stored_spans(ctx.params)
     policy = policy or _policy(ctx)
     options = ctx.params.sampling()
+    steer = tuple(steer)  # one tuple for every request: the engine checks and hashes it once
+    stream = _engine_stream(ctx.engine)
     total = len(samples)
+    prompts: dict[int, object] = {}
+    fulls: dict[int, object] = {}
 
-    def one_batch(batch) -> list[dict]:
-        prompts = [build_prompt(tok, system=s.system_prompt or None, question=s.question,
-                                template_kwargs=kwargs) for s in batch]
-        specs = [RequestSpec(steer=tuple(steer), key=s.key) if steer else None for s in batch]
-        gens = ctx.engine.generate([p.input_ids for p in prompts], options, specs)
-        rows = []
-        for s, p, g in zip(batch, prompts, gens):
-            rows.append({"sample": s, "prompt_len": p.prompt_len, "response": g.text,
-                         "prompt_tokens": len(p.input_ids), "response_tokens": len(g.token_ids),
-                         "finish_reason": g.finish_reason})
-        if not capture:
-            return rows
-        if ctx.should_cancel():  # the engine cannot abort a running generate: stop here
-            raise JobCancelled(f"cancelled after generating a batch of {len(batch)}")
-        fulls = [build_prompt(tok, system=r["sample"].system_prompt or None,
-                              question=r["sample"].question, response=r["response"],
-                              template_kwargs=kwargs) for r in rows]
-        cspecs = [RequestSpec(
-            steer=tuple(steer), key=r["sample"].key,
+    def feed(pending):
+        for i, s in pending:
+            p = prompts[i] = build_prompt(tok, system=s.system_prompt or None,
+                                          question=s.question, template_kwargs=kwargs)
+            yield StreamItem(i, p.input_ids, RequestSpec(steer=steer, key=s.key)
+                             if steer else None)
+
+    def reread(item: StreamItem, gen) -> Reread:
+        if ctx.should_cancel():  # a generation is done; its re-read would be wasted
+            raise JobCancelled("cancelled between a generation and its re-read")
+        s = samples[item.tag]
+        f = fulls[item.tag] = build_prompt(tok, system=s.system_prompt or None,
+                                           question=s.question, response=gen.text,
+                                           template_kwargs=kwargs)
+        return Reread(f.input_ids, RequestSpec(
+            steer=steer, key=s.key,
             capture=CaptureSpec(layers=layers, prompt=False, response=False, last_prompt=False,
-                                spans=capture_spans(names, f.prompt_len, f.response_span)))
-            for r, f in zip(rows, fulls)]
-        caps = ctx.engine.capture([f.input_ids for f in fulls], cspecs)
-        for r, c, f in zip(rows, caps, fulls):
+                                spans=capture_spans(names, f.prompt_len, f.response_span))))
+
+    def row(res) -> dict:
+        s, p, g = samples[res.tag], prompts.pop(res.tag), res.gen
+        r = {"sample": s, "prompt_len": p.prompt_len, "response": g.text,
+             "prompt_tokens": len(p.input_ids), "response_tokens": len(g.token_ids),
+             "finish_reason": g.finish_reason}
+        if capture:
+            f, c = fulls.pop(res.tag), res.capture
             want = f.response_span[1] - f.response_span[0]
             got = None if c is None else c.counts.get(SPANS["response"])
             if got != want:
-                raise RuntimeError(f"sample {r['sample'].key}: capture covered {got} response "
-                                   f"tokens, expected {want}")
+                raise RuntimeError(f"sample {s.key}: capture covered {got} response tokens, "
+                                   f"expected {want}")
             r["means"] = {name: c.means[SPANS[name]] for name in names}
             r["response_span"] = f.response_span
-        return rows
+        return r
+
+    def run(pending, cap):
+        with closing(stream(feed(pending), options, reread=reread if capture else None,
+                            max_in_flight=cap)) as results:
+            for batch in results:
+                yield [(res.tag, row(res)) for res in batch]
+                if ctx.should_cancel():
+                    raise JobCancelled(f"cancelled with {len(prompts)} samples in flight")
 
     ctx.on_progress(0, total)
-    return policy.run(samples, one_batch, on_batch=lambda done, _: ctx.on_progress(done, total))
+    return policy.stream(samples, run, on_results=lambda done, _: ctx.on_progress(done, total))
 
 
-def _capture(ctx: ItemContext, dataset, samples) -> ItemResult:
+def _capture(ctx: ItemContext, dataset, samples) -> Callable[[], ItemResult]:
     rows = generate_and_capture(ctx, samples, capture=True)
-    layers = list(_layers(ctx))
+    return partial(_store_capture, ctx, dataset, rows, list(_layers(ctx)))
+
+
+def _store_capture(ctx: ItemContext, dataset, rows: list[dict], layers: list[int]) -> ItemResult:
     acts = {name: np.stack([r["means"][name].float().numpy() for r in rows])
             for name in stored_spans(ctx.params)}
     keys = [r["sample"].key for r in rows]
@@ -304,17 +353,21 @@ def report_scores(ctx, vectors, info: dict) -> dict:
     return info
 
 
-def _rollout(ctx: ItemContext, dataset, samples) -> ItemResult:
-    if ctx.params.sweep:  # a grid of steering settings: workers/sweep.py
+def _rollout(ctx: ItemContext, dataset, samples) -> Callable[[], ItemResult]:
+    if ctx.params.sweep:  # a grid of steering settings: workers/sweep.py (stores as it goes)
         out = sweep.run_item(ctx, samples, prefix=artifact_key(ctx).rsplit("/", 1)[0],
                              policy=_policy(ctx),
                              template_kwargs=template_kwargs(ctx.engine.tokenizer))
-        return ItemResult(**out)
+        return partial(ItemResult, **out)
     steer, steer_wire = resolve_steering(ctx.params.steer, load_vector=ctx.load_vector,
                                          persona=ctx.persona,
                                          num_layers=int(ctx.engine.num_layers),
                                          hidden_size=int(ctx.engine.hidden_size))
     rows = generate_and_capture(ctx, samples, steer=steer, capture=ctx.params.capture)
+    return partial(_store_rollout, ctx, rows, steer_wire)
+
+
+def _store_rollout(ctx: ItemContext, rows: list[dict], steer_wire) -> ItemResult:
     buf = io.StringIO()
     for r in rows:
         s = r["sample"]
@@ -361,9 +414,10 @@ def _obj(o) -> dict:
     return {"key": o.key, "sha256": o.sha256, "size": o.size}
 
 
-# Job kind -> (what one persona runs, the extension of its main artifact). A new kind is a
-# function here and a value in app.states.JobKind (see docs/extending.md).
-KINDS: dict[str, tuple[Callable[[ItemContext, object, list], ItemResult], str]] = {
+# Job kind -> (what one persona runs: the engine part, returning the step that stores its
+# artifacts; the extension of its main artifact). A new kind is a function here and a value
+# in app.states.JobKind (see docs/extending.md).
+KINDS: dict[str, tuple[Callable[[ItemContext, object, list], Callable[[], ItemResult]], str]] = {
     "capture": (_capture, "safetensors"),
     "rollout": (_rollout, "jsonl"),
 }

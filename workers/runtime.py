@@ -5,13 +5,23 @@ One :class:`EngineRuntime` per worker process (one GPU). It loads the engine for
 engine down *fully* (its engine-core processes gone, GPU memory back to the empty baseline)
 before the new one loads, so two models never share a GPU by accident.
 
-Two baselines, read through NVML (device-wide, every process):
-- ``empty``: before any engine loads. After an engine shutdown memory must come back here;
-  if it does not, leftover engine processes of this worker are killed.
-- ``warm``: right after the engine loaded. After every job (and every failure) the job's
-  memory is freed and the reading must come back within ``engine.memory_slack_mb`` of it;
-  otherwise the engine is restarted before the next job runs on a dirty GPU.
-On a CPU-only host both readings are ``None`` and the checks pass.
+Two baselines, read through NVML:
+- ``empty``: the device before any engine loads. After an engine shutdown memory must come
+  back here; if it does not, leftover engine processes of this worker are killed.
+- ``warm``: the engine's own footprint (this worker's processes, when the driver accounts
+  per process; else the whole device) after a warm-up stream at the engine's maxima
+  (``SteeringEngine.warm_up``), not right after load: vLLM's allocator pools, the sampler's
+  buffers and the capture sums grow with the first real batch (measured on an H200, 8B
+  shape: 2.8 GB above a load-time baseline after every job, and an engine restart each
+  time). After every job (and every failure) the job's memory is freed and the reading must
+  come back within ``engine.memory_slack_mb`` of it. The first cleanup after a load may find
+  vLLM's steady state above the warm-up's and still within the engine's share of the card
+  (``gpu_memory_utilization``): that reading becomes the baseline (a ``memory_baseline``
+  event). Anything else means memory really leaked, and the engine is restarted before the
+  next job runs on a dirty GPU.
+On a CPU-only host every reading is ``None`` and the checks pass. A warm worker keeps its
+engine between jobs: the next job's first persona starts within seconds; the engine's cold
+start is logged, and recorded as an ``engine_loaded`` event on the job that caused a load.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,7 +142,10 @@ class EngineRuntime:
         self.state = "idle"  # idle | loading | busy | cleaning
         self.baseline_empty = gpu.memory(self.gpu)
         self.baseline_warm = None
+        self.per_process = False  # the warm baseline counts this worker's processes only
+        self.steady = False  # a cleanup ran since the engine loaded (see the module doc)
         self.restarts = 0
+        self.loads: list[dict] = []  # one entry per engine start: model, seconds
 
     @property
     def slack_bytes(self) -> int:
@@ -161,27 +175,65 @@ class EngineRuntime:
                 self.shutdown()
             self.state = "loading"
             log.info("worker %s loading %s (%s)", self.worker_name, model, dtype)
+            t0 = time.monotonic()
             try:
                 self.engine = self._loader(model, dtype, self.settings)
             except BaseException:
                 self.state = "idle"  # no engine, ready to try again (or to exit when idle)
                 raise
             self.model, self.dtype = model, dtype
+            t1 = time.monotonic()
             self._warm_up()
             gpu.free_process_memory()
-            self.baseline_warm = gpu.memory(self.gpu)
+            self.per_process = self._own_memory() is not None
+            self.baseline_warm = self.footprint()
+            self.steady = False
+            load = {"model": model, "dtype": dtype, "load_s": round(t1 - t0, 2),
+                    "warm_up_s": round(time.monotonic() - t1, 2),
+                    "baseline": self.baseline_warm.as_dict() if self.baseline_warm else None,
+                    "per_process": self.per_process}
+            self.loads.append(load)
+            log.info("worker %s engine started: %s (%s) loaded in %.1fs, warm-up %.1fs",
+                     self.worker_name, model, dtype, load["load_s"], load["warm_up_s"])
+            if on_event:
+                on_event("engine_loaded", load)
             self.state = "idle"
             return self.engine
 
+    def _own_memory(self) -> int | None:
+        """GPU bytes held by this worker process and its children (the engine cores)."""
+        try:
+            pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+        except psutil.Error:
+            return None
+        return gpu.process_memory(self.gpu, pids)
+
+    def footprint(self) -> gpu.MemoryReading | None:
+        """The engine's memory as the warm baseline counts it: this worker's processes when
+        the baseline was per process, else the whole device."""
+        device = gpu.memory(self.gpu)
+        if device is None or not self.per_process:
+            return device
+        own = self._own_memory()
+        return device if own is None else gpu.MemoryReading(used=own, total=device.total)
+
+    def _budget(self) -> int | None:
+        """The most the engine may hold in its steady state: its share of the card (what
+        vLLM was told it may use), plus, on a device-wide reading, what was there before."""
+        device = gpu.memory(self.gpu)
+        if device is None:
+            return None
+        share = int(memory_fraction(self.settings) * device.total)
+        if self.per_process:
+            return share
+        return share + (self.baseline_empty.used if self.baseline_empty else 0)
+
     def _warm_up(self) -> None:
-        """Run a small job-shaped batch before the warm baseline is read, so the baseline
-        holds vLLM's steady state (allocator pools, sampler and capture buffers grown by the
-        first real batch) and not the state right after load: measured on an H200 (8B shape),
-        a warm worker read 2.8 GB above its load-time baseline after every job and restarted
-        its engine each time. Only where GPU memory is read (no baseline on CPU hosts)."""
-        n = int(self.settings.engine.warmup_prompts)
+        """Run a job-shaped stream at the engine's maxima before the warm baseline is read
+        (see the module doc). Only where GPU memory is read (no baseline on CPU hosts)."""
+        n = self.settings.engine.warmup_prompts
         warm = getattr(self.engine, "warm_up", None)
-        if n <= 0 or warm is None or gpu.memory(self.gpu) is None:
+        if n == 0 or warm is None or gpu.memory(self.gpu) is None:
             return
         try:
             warm(n)
@@ -195,12 +247,28 @@ class EngineRuntime:
             self.state = "cleaning"
             try:
                 gpu.free_process_memory()
+                warm = self.engine is not None
                 clean, reading = gpu.wait_for_baseline(
-                    self.gpu, self.baseline_warm if self.engine is not None else self.baseline_empty,
-                    slack_bytes=self.slack_bytes, timeout_s=10.0)
+                    self.gpu, self.baseline_warm if warm else self.baseline_empty,
+                    slack_bytes=self.slack_bytes, timeout_s=10.0,
+                    read=self.footprint if warm else None)
                 figures = {"clean": clean, "memory": reading.as_dict() if reading else None,
                            "baseline": self.baseline_warm.as_dict() if self.baseline_warm else None}
-                if not clean and self.engine is not None:
+                first, self.steady = not self.steady, True
+                budget = self._budget()
+                if (not clean and warm and first and reading is not None and budget is not None
+                        and reading.used <= budget + self.slack_bytes):
+                    # vLLM's steady state after its first real work: the baseline from now on
+                    log.info("worker %s: engine memory %.2f GB above its warm-up baseline after "
+                             "its first job, within its share (%.2f GB): new baseline",
+                             self.worker_name,
+                             (reading.used - self.baseline_warm.used) / 2**30, budget / 2**30)
+                    self.baseline_warm = reading
+                    figures.update(clean=True, baseline_raised=True, budget=budget)
+                    if on_event:
+                        on_event("memory_baseline", dict(figures))
+                    return figures
+                if not clean and warm:
                     self.restart(reason="memory above baseline after job", figures=figures,
                                  on_event=on_event)
                     figures["restarted"] = True
@@ -220,7 +288,7 @@ class EngineRuntime:
             self.restarts += 1
             self.shutdown()
             if model is not None:
-                self.acquire(model, dtype)
+                self.acquire(model, dtype, on_event=on_event)
 
     def shutdown(self) -> None:
         """Stop the engine and make sure none of its processes outlive it."""

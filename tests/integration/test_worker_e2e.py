@@ -74,6 +74,38 @@ def test_capture_job_matches_direct_capture(services):
             np.testing.assert_allclose(art.vectors[name], vec, rtol=1e-3, atol=1e-3 * scale)
 
 
+def test_warm_worker_runs_jobs_back_to_back_on_one_engine_start(services):
+    """Two capture jobs on one worker (the real vLLM engine): the engine starts once, when
+    the worker starts; the second job's first persona starts within seconds of its submit,
+    and neither job records an engine load, restart or switch."""
+    from datetime import UTC
+
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import Job, JobItem
+
+    procs, logs = services
+    procs.append(h.start_worker("e2e-warm", logs))
+    rows = []
+    for _ in range(2):
+        job_id = h.submit("capture", {"max_samples": 3})
+        row = h.wait_for(job_id, log_dir=logs, worker=procs[-1])
+        assert row["state"] == "succeeded", row
+        with session_scope() as s:
+            job = s.get(Job, job_id)
+            created = job.created_at.replace(tzinfo=UTC)
+            started = min(s.execute(select(JobItem.started_at).where(
+                JobItem.job_id == job_id)).scalars()).replace(tzinfo=UTC)
+        rows.append((row, (started - created).total_seconds()))
+    for row, _ in rows:
+        kinds = {e["kind"] for e in row["events"]}
+        assert not kinds & {"engine_loaded", "engine_restart", "engine_switch"}, kinds
+    assert rows[1][1] < 10.0, f"second job's first persona started {rows[1][1]:.1f}s after submit"
+    log = (logs / "e2e-warm.log").read_text(errors="replace")
+    assert log.count("engine started:") == 1, log[-3000:]
+
+
 def test_sigkill_mid_job_resumes_every_persona_once(services, monkeypatch):
     """SIGKILL the worker after its first persona; a new process of the SAME name (a
     supervisor restart) must give the dead attempt's lease back, not renew it."""

@@ -58,3 +58,91 @@ def test_no_warm_up_without_gpu_readings_or_when_off(monkeypatch):
                         loader=lambda m, d, s: _Engine(log))
     rt2.acquire("tiny:qwen3", "float32")
     assert log == []
+
+
+GB = 2**30
+
+
+class _Card:
+    """A fake GPU: the device-wide reading, and what each process holds on it."""
+
+    def __init__(self, **procs):
+        self.procs = dict(procs)  # pid -> bytes
+        self.total = 80 * GB
+
+    def memory(self, _gpu):
+        return gpu.MemoryReading(used=sum(self.procs.values()), total=self.total)
+
+    def process_memory(self, _gpu, pids):
+        mine = [b for pid, b in self.procs.items() if pid in pids]
+        return sum(mine) if mine else None
+
+
+def _runtime(monkeypatch, card: _Card, *, per_process: bool):
+    import os
+
+    me = os.getpid()
+    monkeypatch.setattr(gpu, "memory", card.memory)
+    monkeypatch.setattr(gpu, "process_memory",
+                        card.process_memory if per_process else lambda _g, _p: None)
+    monkeypatch.setattr(gpu, "free_process_memory", lambda: None)
+    monkeypatch.setattr(gpu, "wait_for_baseline", _no_wait(gpu.wait_for_baseline))
+    loads = []
+
+    class Engine(_Engine):
+        def warm_up(self, n):
+            card.procs[me] = card.procs.get(me, 0) + 30 * GB  # loaded and warmed up
+
+        def shutdown(self):
+            card.procs[me] = 0
+
+    settings = Settings()
+    settings.engine.gpu_memory_utilization = 0.5  # the engine's share: 40 GB of 80
+    rt = EngineRuntime(worker_name="w", gpu_index="0", settings=settings,
+                       loader=lambda m, d, s: loads.append(m) or Engine([]))
+    rt.acquire("tiny:qwen3", "float32")
+    return rt, loads, me
+
+
+def _no_wait(real):
+    def wait(*a, **kw):
+        kw["timeout_s"] = 0.0
+        return real(*a, **kw)
+    return wait
+
+
+def test_first_job_steady_state_becomes_the_baseline_a_later_leak_restarts(monkeypatch):
+    card = _Card()
+    rt, loads, me = _runtime(monkeypatch, card, per_process=True)
+    events = []
+    card.procs[me] += 3 * GB  # vLLM's steady state after the first real job
+    figures = rt.cleanup(on_event=lambda k, d: events.append(k))
+    assert figures["clean"] and figures["baseline_raised"] and events == ["memory_baseline"]
+    assert rt.baseline_warm.used == 33 * GB and loads == ["tiny:qwen3"]
+    assert rt.cleanup()["clean"] and loads == ["tiny:qwen3"]  # the next job: same engine
+    card.procs[me] += 1 * GB  # grows again after a later job: a leak
+    figures = rt.cleanup(on_event=lambda k, d: events.append(k))
+    assert figures.get("restarted") and loads == ["tiny:qwen3", "tiny:qwen3"]
+    assert events[-2:] == ["engine_restart", "engine_loaded"]
+
+
+def test_first_job_above_the_engines_share_restarts(monkeypatch):
+    card = _Card()
+    rt, loads, me = _runtime(monkeypatch, card, per_process=True)
+    card.procs[me] += 12 * GB  # 42 GB: above the 40 GB share
+    assert rt.cleanup().get("restarted") and len(loads) == 2
+
+
+def test_other_processes_on_the_card_do_not_restart_the_engine(monkeypatch):
+    """Per-process readings: another engine loading on the same GPU (the benchmark's own)
+    is not this worker's leak; with device-wide readings it would be."""
+    card = _Card(other=5 * GB)
+    rt, loads, _ = _runtime(monkeypatch, card, per_process=True)
+    assert rt.per_process
+    card.procs["bench"] = 30 * GB
+    assert rt.cleanup()["clean"] and rt.cleanup()["clean"] and loads == ["tiny:qwen3"]
+    card2 = _Card(other=5 * GB)
+    rt2, loads2, _ = _runtime(monkeypatch, card2, per_process=False)
+    assert not rt2.per_process
+    card2.procs["bench"] = 30 * GB
+    assert rt2.cleanup().get("restarted") and len(loads2) == 2

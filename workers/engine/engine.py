@@ -21,7 +21,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Self
 
 from workers import gpu
@@ -34,11 +35,16 @@ from workers.engine.spec import (
     CaptureSpec,
     GenResult,
     RequestSpec,
+    Reread,
     SamplingOptions,
     SpecError,
+    StreamItem,
+    StreamResult,
     as_specs,
+    validate_spec,
     validate_specs,
 )
+from workers.engine.stream import RereadFn
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +123,10 @@ class SteeringEngine:
     ``VLLM_USE_V2_MODEL_RUNNER`` is set to ``0`` before vLLM starts unless already set: the
     hooks need the V1 model runner (:mod:`.runner`); any other runner is refused.
 
+    ``max_num_seqs=None`` takes vLLM's own offline default for the card (1024 on an
+    H100/H200, 256 on smaller GPUs and on CPUs); :meth:`stream` keeps twice that in flight by
+    default, so the scheduler always has samples waiting.
+
     ``allow_unverified_family`` serves a decoder-layer class outside :data:`families.VERIFIED`
     (for experiments); the class is then in ``unverified_family``, which the caller must
     record with every result. The stream check runs either way.
@@ -124,7 +134,7 @@ class SteeringEngine:
 
     def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.85, enforce_eager: bool = True,
-                 tensor_parallel_size: int = 1, max_num_seqs: int = 256,
+                 tensor_parallel_size: int = 1, max_num_seqs: int | None = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  load_format: str = "auto", seed: int = 0,
                  allow_unverified_family: bool = False, steering_path: str = "eager",
@@ -149,6 +159,12 @@ class SteeringEngine:
             os.environ.setdefault(F32_ENV, "ieee")
         from vllm import LLM
 
+        if max_num_seqs is None:  # vLLM's offline default for this card (NVML, no CUDA here)
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.usage.usage_lib import UsageContext
+
+            max_num_seqs = int(EngineArgs.get_batch_defaults(tensor_parallel_size)[1][
+                UsageContext.LLM_CLASS])
         self.model = model
         self.memory_before = _gpu_memory()
         self.memory_after: dict | None = None
@@ -188,8 +204,12 @@ class SteeringEngine:
             kwargs["additional_config"] = extra
         kwargs.update(llm_kwargs)
         self._llm = LLM(**kwargs)
+        self._streaming = False  # one run of requests at a time (see _Run)
         try:
             self._check_scheduler()
+            sched = self._llm.llm_engine.vllm_config.scheduler_config
+            self.max_num_seqs: int = int(sched.max_num_seqs)
+            self.max_num_batched_tokens: int = int(sched.max_num_batched_tokens)
             info = self._rpc("steering_install")[0]
             self.runner_kind: str = info["runner_kind"]
             self.num_layers: int = int(info["num_layers"])
@@ -313,17 +333,30 @@ class SteeringEngine:
                 "residual + delta is not the stream the next layer starts from, so captures "
                 "and cap/ablate steering would be wrong; refusing to serve", worst)
 
-    def warm_up(self, n: int = 64, prompt_len: int = 128, max_tokens: int = 16) -> None:
-        """A job-shaped batch (generate with capture, then the exact re-read) whose results
-        are dropped: the worker reads its warm memory baseline after this."""
+    def warm_up(self, n: int | None = None, prompt_len: int | None = None,
+                max_tokens: int = 16) -> None:
+        """A capture job's shape at the engine's maxima, results dropped: ``n`` samples
+        (default ``max_num_seqs``) whose prompts together fill one step's token budget,
+        sampled at temperature 1 with top-p (vLLM's sorting sampler path at full batch), each
+        then re-read capturing its response mean (a job's default), all through one stream.
+        The worker reads its warm memory baseline after this: vLLM's allocator pools, the
+        sampler's buffers and the capture sums then hold what a real job grows them to."""
+        n = max(1, int(n or self.max_num_seqs))
+        room = int(self._llm.llm_engine.vllm_config.model_config.max_model_len) - max_tokens - 1
+        if prompt_len is None:
+            prompt_len = self.max_num_batched_tokens // n
+        prompt_len = max(4, min(int(prompt_len), room))
         vocab = max(16, min(len(self.tokenizer), 4096))
-        prompts = [[3 + (i * 131 + j * 7) % (vocab - 3) for j in range(prompt_len)]
-                   for i in range(n)]
-        spec = RequestSpec(capture=CaptureSpec(), key="warm-up")
-        res = self.generate(prompts, SamplingOptions(max_tokens=max_tokens, ignore_eos=True),
-                            spec)
-        self.capture([p + r.token_ids for p, r in zip(prompts, res)], spec,
-                     prompt_lens=[len(p) for p in prompts])
+        items = (StreamItem(i, [3 + (i * 131 + j * 7) % (vocab - 3) for j in range(prompt_len)])
+                 for i in range(n))
+        spec = RequestSpec(capture=CaptureSpec(prompt=False, last_prompt=False), key="warm-up")
+        options = SamplingOptions(max_tokens=max_tokens, temperature=1.0, top_p=0.95,
+                                  ignore_eos=True)
+        for _ in self.stream(items, options, max_in_flight=2 * n,
+                             reread=lambda item, gen: Reread(
+                                 list(item.prompt) + gen.token_ids, spec,
+                                 prompt_len=len(item.prompt))):
+            pass
 
     def _check_scheduler(self) -> None:
         sched = getattr(getattr(self._llm.llm_engine, "vllm_config", None), "scheduler_config",
@@ -367,69 +400,127 @@ class SteeringEngine:
                  specs: RequestSpec | Sequence[RequestSpec | None] | None = None, *,
                  _max_tokens: int | None = None,
                  _prompt_lens: Sequence[int] | None = None) -> list[GenResult]:
-        """Generate for each prompt (text or token ids) under its own spec (None = plain)."""
-        clock = [time.perf_counter()]
+        """Generate for each prompt (text or token ids) under its own spec (None = plain).
 
-        def lap(name: str) -> None:
-            now = time.perf_counter()
-            self.last_timing[name] = now - clock[0]
-            clock[0] = now
-
-        self.last_timing = {}
+        Every prompt enters vLLM at once (its scheduler batches them); hook failures are
+        raised for the whole call, naming every request they hit."""
+        t0 = time.perf_counter()
         options = options or SamplingOptions()
         prompts = list(prompts)
         specs = as_specs(specs, len(prompts))
         self._validate(specs)
-        lap("validate_s")
-        self._calls += 1
-        uids = [f"{self._calls}-{i}" for i in range(len(prompts))]
-        inputs, params = [], []
         lens = list(_prompt_lens) if _prompt_lens is not None else [None] * len(prompts)
-        keys: dict[int, str] = {}  # id(spec) -> steer key: hash each distinct spec once
-        register: dict[str, list[dict]] = {}
-        for prompt, spec, uid, plen in zip(prompts, specs, uids, lens):
-            item = {"prompt": prompt} if isinstance(prompt, str) else {
-                "prompt_token_ids": [int(t) for t in prompt]}
-            key = None
-            if spec is not None and spec.steer:
-                key = keys.get(id(spec))
-                if key is None:
-                    key = keys[id(spec)] = steer_key(spec)
-                    register[key] = [op.to_wire() for op in spec.steer]
-                item["cache_salt"] = key
-            inputs.append(item)
-            params.append(self._params(options, spec, uid, _max_tokens, plen, key))
-        lap("prepare_s")
-        self._rpc("steering_reset")
-        if register:
-            self._rpc("steering_register", register)
-        lap("register_s")
+        run = _Run(self, size=len(prompts))
+        done: dict[int, tuple] = {}
+        per_rank: list[dict] = [{}]
         try:
-            outs = self._llm.generate(inputs, params, use_tqdm=False)
-        except Exception as exc:
-            if gpu.is_oom(exc):
-                raise EngineOOMError(f"out of memory generating a batch of {len(prompts)}: {exc}",
-                                     batch_size=len(prompts), memory=_gpu_memory()) from exc
-            raise
-        lap("generate_s")
-        active = [uid for uid, s in zip(uids, specs) if s is not None and s.active]
-        # Positions each request forwarded: [0, P + generated - 1), the last sampled token is
-        # never fed back (async scheduling may forward it once more; the worker drops that row)
-        ends = {uid: len(out.prompt_token_ids) + max(len(out.outputs[0].token_ids), 1) - 1
-                for uid, out, s in zip(uids, outs, specs) if s is not None and s.active}
-        per_rank = self._rpc("steering_collect", active, ends) if active else [{}]
-        lap("collect_s")
+            for i, (prompt, spec, plen) in enumerate(zip(prompts, specs, lens)):
+                run.add(_Flight(StreamItem(i, prompt, spec), spec), prompt, options,
+                        max_tokens=_max_tokens, prompt_len=plen)
+            run.flush()
+            t1 = time.perf_counter()
+            while run.flights:
+                finished, got = run.step()
+                for fl, out in finished:
+                    done[fl.item.tag] = (fl, out)
+                _merge(per_rank, got)
+        finally:
+            run.close()
+        t2 = time.perf_counter()
+        order = [done[i] for i in range(len(prompts))]
+        results = self._results([out for _, out in order], specs, [fl.uid for fl, _ in order],
+                                per_rank)
+        # host seconds per phase (bench/engine_overhead.py): generate_s includes collect_s
+        self.last_timing = {"prepare_s": t1 - t0, "generate_s": t2 - t1,
+                            "collect_s": run.collect_s, "results_s": time.perf_counter() - t2}
+        return results
+
+    def stream(self, items: Iterable[StreamItem], options: SamplingOptions | None = None, *,
+               reread: RereadFn | None = None,
+               max_in_flight: int | None = None) -> Iterator[list[StreamResult]]:
+        """Samples through vLLM's scheduler, at most ``max_in_flight`` at a time (a memory cap;
+        default twice ``max_num_seqs`` so the scheduler always has work queued).
+
+        Items are pulled from ``items`` as room frees. When a sample's generation finishes,
+        ``reread(item, gen)`` may return its exact re-read (:class:`Reread`: the semantics of
+        :meth:`capture`), which enters vLLM at once; the sample is done when its re-read is.
+        Yields the samples that finished together, in completion order. Closing the iterator
+        early (an exception in the caller, a cancel) aborts what is still in vLLM. An
+        out-of-memory error is raised as :class:`EngineOOMError` with ``batch_size`` the cap.
+        """
+        options = options or SamplingOptions()
+        cap = max(1, int(max_in_flight or 2 * self.max_num_seqs))
+        reread_options = SamplingOptions(max_tokens=1)
+        run = _Run(self, size=cap)
+        seen: dict[int, object] = {}
+        it = iter(items)
+        live = n = 0
+        try:
+            while True:
+                while live < cap and (item := next(it, _END)) is not _END:
+                    self._validate_one(item.spec, f"items[{n}]", seen)
+                    run.add(_Flight(item, item.spec), item.prompt, options)
+                    live += 1
+                    n += 1
+                run.flush()
+                if not live:
+                    return
+                finished, per_rank = run.step()
+                if not finished:
+                    continue
+                gens = self._results([out for _, out in finished],
+                                     [fl.spec for fl, _ in finished],
+                                     [fl.uid for fl, _ in finished], per_rank or [{}])
+                batch = []
+                for (fl, _), res in zip(finished, gens):
+                    if fl.gen is not None:  # its re-read finished: the sample is done
+                        batch.append(StreamResult(fl.item.tag, fl.gen, res.capture))
+                        live -= 1
+                        continue
+                    again = reread(fl.item, res) if reread is not None else None
+                    if again is None:
+                        batch.append(StreamResult(fl.item.tag, res))
+                        live -= 1
+                        continue
+                    spec = _reread_spec(again.spec)
+                    self._validate_one(spec, f"reread of {fl.item.tag!r}", seen)
+                    run.add(_Flight(fl.item, spec, gen=res), list(again.sequence),
+                            reread_options, max_tokens=1, prompt_len=again.prompt_len)
+                run.flush()
+                if batch:
+                    yield batch
+        finally:
+            run.close()
+
+    def _validate_one(self, spec: RequestSpec | None, where: str, seen: dict) -> None:
+        """:meth:`_validate` for one streamed request; a steering tuple shared by many
+        requests is checked once (its vectors are the costly part)."""
+        if spec is None:
+            return
+        try:
+            if spec.steer and id(spec.steer) not in seen:
+                validate_spec(RequestSpec(steer=spec.steer), num_layers=self.num_layers,
+                              hidden_size=self.hidden_size)
+                seen[id(spec.steer)] = spec.steer  # held: its id stays unique
+            validate_spec(RequestSpec(capture=spec.capture), num_layers=self.num_layers,
+                          hidden_size=self.hidden_size)
+            if self.steering_path == "ingraph" and spec.capture is not None and spec.capture.raw:
+                raise SpecError("capture.raw", "raw per-token capture needs the eager steering "
+                                "path (CHATSPACE_ENGINE_STEERING_PATH=eager); the in-graph "
+                                "path returns span means only")
+        except SpecError as exc:
+            raise SpecError(f"{where}.{exc.field}", exc.message) from None
+
+    def _results(self, outs, specs, uids, per_rank) -> list[GenResult]:
         from workers.engine.extension import unlink_shipped
 
         try:
-            results = self._results(outs, specs, uids, per_rank)
-        finally:  # the means' /dev/shm files (large captures): mapped now, or never needed
+            return self._results_of(outs, specs, uids, per_rank)
+        finally:  # the means' /dev/shm files (large captures): mapped by now, or never needed
             unlink_shipped(d for res in per_rank for got in res.values() if got
                            for d in (got.get("means") or {}).values())
-        lap("results_s")
-        return results
 
-    def _results(self, outs, specs, uids, per_rank) -> list[GenResult]:
+    def _results_of(self, outs, specs, uids, per_rank) -> list[GenResult]:
         results, errors, untouched = [], [], []
         for i, (out, spec, uid) in enumerate(zip(outs, specs, uids)):
             comp = out.outputs[0]
@@ -502,9 +593,7 @@ class SteeringEngine:
             for i, (p, s) in enumerate(zip(prompt_lens, sequences)):
                 if not 1 <= p <= len(s):
                     raise SpecError(f"prompt_lens[{i}]", f"{p} not in 1..{len(s)}")
-        full = [s if s is not None and s.capture is not None else
-                RequestSpec(steer=s.steer if s else (), capture=CaptureSpec(response=False),
-                            key=s.key if s else None) for s in specs]
+        full = [_reread_spec(s) for s in specs]
         res = self.generate(list(sequences), SamplingOptions(max_tokens=1), full, _max_tokens=1,
                             _prompt_lens=prompt_lens)
         return [r.capture for r in res]
@@ -537,3 +626,143 @@ class SteeringEngine:
         if self.memory_before is None or self.memory_after is None:
             return None
         return self.memory_after["used"] - self.memory_before["used"]
+
+
+_END = object()
+
+
+def _reread_spec(spec: RequestSpec | None) -> RequestSpec:
+    """An exact re-read always captures (at least the prompt span: the hooks must fire)."""
+    if spec is not None and spec.capture is not None:
+        return spec
+    return RequestSpec(steer=spec.steer if spec else (), capture=CaptureSpec(response=False),
+                       key=spec.key if spec else None)
+
+
+def _merge(per_rank: list[dict], got: list[dict] | None) -> None:
+    for rank, res in enumerate(got or ()):
+        if rank == len(per_rank):
+            per_rank.append({})
+        per_rank[rank].update(res)
+
+
+@dataclass
+class _Flight:
+    """One request in vLLM: the sample it belongs to, its spec, and for a re-read the
+    generation it re-reads."""
+
+    item: StreamItem
+    spec: RequestSpec | None
+    gen: GenResult | None = None
+    uid: str = ""
+
+
+class _Run:
+    """One run of requests through vLLM's ``LLMEngine`` (``add_request`` / ``step`` /
+    ``abort_request``, the loop ``LLM.generate`` runs, in vLLM 0.26 and 0.32 alike).
+
+    The extension's per-request state is reset when a run opens, which is only safe with
+    nothing in flight: runs never overlap on one engine (a second is refused). Steering specs
+    are registered by key before the first request that uses them (registration is additive);
+    finished requests' results are collected from the workers once per step."""
+
+    def __init__(self, engine: SteeringEngine, *, size: int):
+        if engine._streaming:
+            raise EngineError("a stream or generate call is still running on this engine; "
+                              "close it before starting another")
+        self.engine = engine
+        self.vllm = engine._llm.llm_engine
+        self.size = size  # the cap, reported with an out-of-memory error
+        engine._calls += 1
+        self.prefix = f"cs{engine._calls}-"
+        self.n = 0
+        self.flights: dict[str, _Flight] = {}  # request id (= uid) -> in vLLM or pending
+        self.pending: list[tuple[str, dict, object]] = []
+        self.register: dict[str, list[dict]] = {}
+        self.registered: set[str] = set()
+        self.keys: dict[int, tuple[tuple, str]] = {}  # id(spec.steer) -> (steer, key)
+        self.collect_s = 0.0  # host seconds in steering_collect (bench: engine.last_timing)
+        engine._rpc("steering_reset")
+        engine._streaming = True
+
+    def _key(self, spec: RequestSpec) -> str:
+        hit = self.keys.get(id(spec.steer))
+        if hit is None:
+            hit = self.keys[id(spec.steer)] = (spec.steer, steer_key(spec))
+        key = hit[1]
+        if key not in self.registered and key not in self.register:
+            self.register[key] = [op.to_wire() for op in spec.steer]
+        return key
+
+    def add(self, flight: _Flight, prompt, options: SamplingOptions, *,
+            max_tokens: int | None = None, prompt_len: int | None = None) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        uid = flight.uid = f"{self.prefix}{self.n}"
+        self.n += 1
+        spec = flight.spec
+        item = {"prompt": prompt} if isinstance(prompt, str) else {
+            "prompt_token_ids": [int(t) for t in prompt]}
+        key = None
+        if spec is not None and spec.steer:
+            key = item["cache_salt"] = self._key(spec)
+        params = self.engine._params(options, spec, uid, max_tokens, prompt_len, key)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: no partials
+        self.pending.append((uid, item, params))
+        self.flights[uid] = flight
+
+    def flush(self) -> None:
+        """Register new steering keys, then hand the pending requests to vLLM."""
+        if self.register:
+            self.engine._rpc("steering_register", self.register)
+            self.registered.update(self.register)
+            self.register = {}
+        pending, self.pending = self.pending, []
+        for k, (uid, item, params) in enumerate(pending):
+            try:
+                self.vllm.add_request(uid, item, params)
+            except BaseException:
+                for later, _, _ in pending[k:]:  # never reached vLLM: nothing to abort
+                    self.flights.pop(later, None)
+                raise
+
+    def step(self) -> tuple[list[tuple[_Flight, object]], list[dict] | None]:
+        """One engine step: the requests that finished in it, and their hook results per
+        rank (None when none of them asked for steering or capture)."""
+        if not self.vllm.has_unfinished_requests():
+            raise EngineError(f"vLLM has no unfinished request while {len(self.flights)} of "
+                              "this run's are in flight")
+        try:
+            outs = self.vllm.step()
+        except Exception as exc:
+            if gpu.is_oom(exc):
+                raise EngineOOMError(f"out of memory with up to {self.size} samples in flight: "
+                                     f"{exc}", batch_size=self.size,
+                                     memory=_gpu_memory()) from exc
+            raise
+        finished = [(self.flights.pop(o.request_id), o) for o in outs
+                    if o.finished and o.request_id in self.flights]
+        act = [(fl, o) for fl, o in finished if fl.spec is not None and fl.spec.active]
+        if not act:
+            return finished, None
+        # Positions each request forwarded: [0, P + generated - 1), the last sampled token is
+        # never fed back (async scheduling may forward it once more; the worker drops that row)
+        ends = {fl.uid: len(o.prompt_token_ids) + max(len(o.outputs[0].token_ids), 1) - 1
+                for fl, o in act}
+        t = time.perf_counter()
+        got = self.engine._rpc("steering_collect", [fl.uid for fl, _ in act], ends)
+        self.collect_s += time.perf_counter() - t
+        return finished, got
+
+    def close(self) -> None:
+        """Abort what is still in vLLM (a run left early); the next run resets the rest."""
+        self.engine._streaming = False
+        left = [uid for uid in self.flights if uid not in {p[0] for p in self.pending}]
+        self.flights.clear()
+        self.pending = []
+        if left:
+            try:
+                self.vllm.abort_request(left)
+            except Exception:
+                log.warning("aborting %d requests of an unfinished run failed", len(left),
+                            exc_info=True)

@@ -22,7 +22,7 @@ Batches are left-padded; rows of finished requests are neither steered nor captu
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +35,12 @@ from workers.engine.spec import (
     RequestSpec,
     SamplingOptions,
     SpecError,
+    StreamItem,
+    StreamResult,
     as_specs,
     validate_specs,
 )
+from workers.engine.stream import RereadFn, sequential_stream
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -350,6 +353,14 @@ class HFBackend:
             self._forward(reqs, chunk, decode_pos=None, attn=attn, cache=None)
             captures += [self._finish(r) for r in reqs]
         return captures
+
+    def stream(self, items: Iterable[StreamItem], options: SamplingOptions, *,
+               reread: RereadFn | None = None,
+               max_in_flight: int | None = None) -> Iterator[list[StreamResult]]:
+        """:meth:`Engine.stream` one chunk of ``max_in_flight`` samples after the other
+        (:func:`~workers.engine.stream.sequential_stream`): this backend batches by hand."""
+        return sequential_stream(self, items, options, reread=reread,
+                                 max_in_flight=max_in_flight)
 
     def close(self) -> None:
         """Remove the hooks (the model stays usable without them)."""

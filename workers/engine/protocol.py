@@ -9,10 +9,18 @@ names at run time, and tests/unit/test_engine_protocol.py checks both classes de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from workers.engine.spec import Capture, GenResult, RequestSpec, SamplingOptions
+from workers.engine.spec import (
+    Capture,
+    GenResult,
+    RequestSpec,
+    Reread,
+    SamplingOptions,
+    StreamItem,
+    StreamResult,
+)
 
 
 @runtime_checkable
@@ -34,8 +42,15 @@ class Engine(Protocol):
                 ) -> list[Capture]:
         """Exact mode: one prefill pass over finished sequences; one capture each."""
 
+    def stream(self, items: Iterable[StreamItem], options: SamplingOptions, *,
+               reread: Callable[[StreamItem, GenResult], Reread | None] | None = None,
+               max_in_flight: int | None = None) -> Iterator[list[StreamResult]]:
+        """Generate each item and, where ``reread`` returns one, its exact re-read as soon as
+        its generation finished; at most ``max_in_flight`` samples at a time (a memory cap);
+        yields the samples that finished together (:mod:`workers.engine.stream`)."""
+
     def shutdown(self) -> None:
         """Release the model and everything it holds (processes, GPU memory); idempotent."""
 
 
-ENGINE_METHODS = ("generate", "capture", "shutdown")
+ENGINE_METHODS = ("generate", "capture", "stream", "shutdown")

@@ -166,6 +166,34 @@ class GenResult:
     hook_calls: int = 0  # layer-hook invocations that touched this request
 
 
+@dataclass
+class StreamItem:
+    """One sample fed to :meth:`Engine.stream`: ``tag`` comes back with its result."""
+
+    tag: Any
+    prompt: str | Sequence[int]
+    spec: RequestSpec | None = None
+
+
+@dataclass
+class Reread:
+    """A finished generation's exact re-read (what :meth:`Engine.capture` takes for one
+    sequence): the caller's ``reread`` callback returns it, or None for no re-read."""
+
+    sequence: Sequence[int]
+    spec: RequestSpec
+    prompt_len: int | None = None
+
+
+@dataclass
+class StreamResult:
+    """A sample done: its generation and, when it was re-read, the re-read's capture."""
+
+    tag: Any
+    gen: GenResult
+    capture: Capture | None = None
+
+
 def validate_spec(spec: RequestSpec, *, num_layers: int, hidden_size: int) -> None:
     """Raise :class:`SpecError` naming the field for anything the hooks cannot apply."""
     for i, op in enumerate(spec.steer):
