@@ -295,8 +295,13 @@ def main(argv=None) -> dict:
                    help="each engine's share, the worker's and the bench's own (default: 0.42 "
                    "with a GPU, the CPU engine's default without)")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--steering-path", choices=("eager", "ingraph"), default=None)
+    p.add_argument("--steering-path", choices=("auto", "eager", "ingraph"), default=None,
+                   help="CHATSPACE_ENGINE_STEERING_PATH (default: the service's, auto)")
     p.add_argument("--label", default=None, help="what this run measures (in the JSON)")
+    p.add_argument("--sequential", action="store_true",
+                   help="one engine at a time, for a shape two engines do not fit beside each "
+                   "other (32B on one H200): every service run first, then the worker stops "
+                   "and the bench's own engine runs the same prompts (not interleaved)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.model.startswith("tiny:") and not args.shape
@@ -306,7 +311,7 @@ def main(argv=None) -> dict:
         from workers import gpu
 
         if gpu.visible_gpus():
-            args.gpu_memory_utilization = 0.42
+            args.gpu_memory_utilization = 0.85 if args.sequential else 0.42
     if args.temperature is None:
         args.temperature = 1.0 if args.gpu_memory_utilization is not None else 0.0
     tmp = Path(tempfile.mkdtemp(prefix="job-bench-"))
@@ -343,6 +348,15 @@ def main(argv=None) -> dict:
                         max_samples=args.cold_samples)
         print(f"cold job: submit -> first persona start {cold['submit_to_first_start_s']:.1f}s,"
               f" -> first persona done {cold['submit_to_first_persona_s']:.1f}s", flush=True)
+        if args.sequential:  # the service's runs, then its worker gives the GPU back
+            for rep in range(args.reps):
+                for s in sizes:
+                    runs[f"service_batch_{s}"].append(
+                        _run_job(client, args, model, dataset, s, sampler, worker))
+                print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+                    f"{k} {v[-1]['samples_per_s']:.2f}/s" for k, v in runs.items() if v),
+                    flush=True)
+            _stop(worker)
         t = time.time()
         eng = load_engine(model, args.dtype, settings)
         engine_start_s = time.time() - t
@@ -351,7 +365,7 @@ def main(argv=None) -> dict:
         layers = tuple(range(int(eng.num_layers)))
         _engine_alone(eng, samples[: min(64, len(samples))], args, layers)  # warm-up
         for rep in range(args.reps):  # interleaved: drift hits every run alike
-            for s in sizes:
+            for s in sizes if not args.sequential else ():
                 runs[f"service_batch_{s}"].append(
                     _run_job(client, args, model, dataset, s, sampler, worker))
             t = time.time()
@@ -367,19 +381,27 @@ def main(argv=None) -> dict:
     finally:
         if eng is not None:
             eng.shutdown()
-        worker.terminate()
-        try:
-            worker.wait(120)
-        except Exception:  # noqa: BLE001
-            worker.kill()
+        _stop(worker)
         sampler.stop()
     result = _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0)
     result["worker_engine"] = _engine_starts(log_path)
+    result["info"]["engine"] = {k: getattr(eng, k, None) for k in (
+        "steering_path", "async_scheduling", "max_num_seqs", "runner_kind")}
     _print(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _stop(worker) -> None:
+    if worker.poll() is not None:
+        return
+    worker.terminate()
+    try:
+        worker.wait(120)
+    except Exception:  # noqa: BLE001
+        worker.kill()
 
 
 def _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0) -> dict:
@@ -408,6 +430,7 @@ def _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0) 
                      "label": args.label, "vllm": vver, "personas": args.personas,
                      "samples_per_persona": len(samples), "tokens": args.tokens,
                      "temperature": args.temperature, "reps": args.reps,
+                     "sequential": args.sequential,
                      "settings": env, "params": args.params,
                      "bench_wall_s": time.time() - t0},
             "cold": cold, "bench_engine_start_s": engine_start_s, "rows": rows, "raw": runs}
