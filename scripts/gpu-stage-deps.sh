@@ -10,7 +10,8 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 pkgs=(sqlalchemy alembic mako celery kombu billiard vine amqp click-didyoumean click-repl
       click-plugins python-dateutil tzdata tzlocal prompt_toolkit wcwidth pydantic-settings
       python-dotenv boto3 botocore s3transfer jmespath rich markdown-it-py mdurl pygments pytest
-      pluggy iniconfig pytest-timeout greenlet redis psycopg psycopg-binary click six urllib3)
+      pluggy iniconfig pytest-timeout greenlet redis psycopg psycopg-binary click six urllib3
+      fastapi-offline platformdirs)
 python3 -m pip download -q --no-deps "${plat[@]}" -d "$work/whl" "${pkgs[@]}"
 python3 -m pip install -q --no-deps --no-compile "${plat[@]}" --target "$work/site" "$work"/whl/*.whl
 find "$work/site/botocore/data" -mindepth 1 -maxdepth 1 -type d \
