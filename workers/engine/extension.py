@@ -345,17 +345,22 @@ def unpack(d: dict) -> torch.Tensor:
 
 
 SHM_DIR = Path("/dev/shm")
-SHM_MIN_BYTES = 4 << 20  # below this, bytes through the RPC cost less than a file
+# Off by default (CHATSPACE_ENGINE_SHIP_MIN_BYTES sets a size from which a batch goes through
+# a file): on the lent H200 host, writing the file cost 8.5 s for 679 MB (2319Z run in
+# bench/results) against 0.7 s for the same means as RPC bytes (2200Z run).
+SHM_MIN_BYTES = 1 << 62
 _shipped: list[Path] = []  # this worker's files; any the engine left behind go at the next reset
 
 
 def ship(parts: list[tuple[torch.Tensor, int]]) -> list[dict]:
     """Means for the engine's process: each ``(sum, n)`` as ``sum / n`` in fp32, in order.
 
-    A large batch goes through one file in ``/dev/shm`` that the engine maps and then deletes
-    (:func:`unpack`, :func:`unlink_shipped`): vLLM's RPC pickles and copies every byte several
-    times (1.5 s for the 510 MB of 288 all-layer captures of an 8B model, measured on an
-    H200). Small batches, or a ``/dev/shm`` without room, go inline as :func:`pack` bytes.
+    By default every batch goes inline as :func:`pack` bytes through vLLM's RPC. With
+    ``CHATSPACE_ENGINE_SHIP_MIN_BYTES`` set, a batch at least that large goes through one file
+    in ``/dev/shm`` that the engine maps and then deletes (:func:`unpack`,
+    :func:`unlink_shipped`), meant to spare the RPC's copies (1.5 s for the 510 MB of 288
+    all-layer captures of an 8B model on an H200); on that host the file was slower still
+    (see :data:`SHM_MIN_BYTES`), so it stays opt-in. A ``/dev/shm`` without room goes inline.
     """
     sizes = [int(t.numel()) for t, _ in parts]
     total = 4 * sum(sizes)
