@@ -180,27 +180,12 @@ def test_models_and_a_plain_request_through_the_official_client(pool, settings):
             max_completion_tokens=5)
 
 
-def _submit(**params) -> str:
-    from app.db import session_scope
-    from app.settings import get_settings
-    from app.spec import JobSpec
-    from app.submit import submit_job
-    from workers.dispatch import enqueue_job
-
-    spec = JobSpec(dataset=h.DATASET, model=h.MODEL, dtype=h.DTYPE,
-                   params={**h.PARAMS, **params})
-    with session_scope() as s:
-        job = submit_job(s, request=spec, settings=get_settings(), enqueue=enqueue_job)
-        assert job.kind == "pipeline"
-        return str(job.id)
-
-
 def test_a_pipeline_job_is_judged_by_the_pool(pool, settings):
     from app.artifacts import job_prefix
     from app.responses import parse_responses
     from app.storage import get_store
 
-    job_id = _submit(judge=JUDGE, personas=["curious", "optimistic"], max_samples=4)
+    job_id = h.submit_pipeline(judge=JUDGE, personas=["curious", "optimistic"], max_samples=4)
     row = h.wait_for(job_id, timeout=600, log_dir=pool.logs, worker=pool.job_proc)
     assert row["state"] == "succeeded", row
     store = get_store(settings)
@@ -235,7 +220,7 @@ def test_no_worker_for_the_judge_model_fails_the_job_clearly(pool, settings):
     import redis
 
     t0 = time.monotonic()
-    job_id = _submit(judge="workers:tiny:nobody", personas=["curious"], max_samples=2)
+    job_id = h.submit_pipeline(judge="workers:tiny:nobody", personas=["curious"], max_samples=2)
     row = h.wait_for(job_id, timeout=300, log_dir=pool.logs, worker=pool.job_proc)
     assert row["state"] == "failed", row
     texts = [row["error"] or ""] + [i["error"] or "" for i in row["items"]]

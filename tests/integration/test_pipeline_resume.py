@@ -55,22 +55,6 @@ def services(pg_url, redis_url, monkeypatch, tmp_path):
     get_settings.cache_clear()
 
 
-def _submit(**params) -> str:
-    """Through the submit path the API and the CLI use (validation, plan, enqueue)."""
-    from app.db import session_scope
-    from app.settings import get_settings
-    from app.spec import JobSpec
-    from app.submit import submit_job
-    from workers.dispatch import enqueue_job
-
-    spec = JobSpec(dataset=h.DATASET, model=h.MODEL, dtype=h.DTYPE,
-                   params={**h.PARAMS, **params})
-    with session_scope() as s:
-        job = submit_job(s, request=spec, settings=get_settings(), enqueue=enqueue_job)
-        assert job.kind == "pipeline"
-        return str(job.id)
-
-
 def _items(job_id):
     from sqlalchemy import select
 
@@ -94,7 +78,7 @@ def test_kill_9_in_the_judge_stage_resumes_without_rejudging(services, monkeypat
     with ScriptedServer(script) as srv:
         monkeypatch.setenv("CHATSPACE_JUDGE_BASE_URL", srv.base_url)
         monkeypatch.setenv("CHATSPACE_JUDGE_MAX_CONCURRENCY", "1")  # a slow, steady judge
-        job_id = _submit(max_samples=MAX_SAMPLES, judge="judge-m")
+        job_id = h.submit_pipeline(max_samples=MAX_SAMPLES, judge="judge-m")
         first = h.start_worker("resume-w", tmp / "logs")
         try:
             deadline = time.monotonic() + 600

@@ -27,6 +27,22 @@ def submit(kind: str = "capture", params: dict | None = None) -> str:
     return job_id
 
 
+def submit_pipeline(**params) -> str:
+    """A pipeline job through the submit path the API and the CLI use (validation, plan,
+    enqueue)."""
+    from app.db import session_scope
+    from app.settings import get_settings
+    from app.spec import JobSpec
+    from app.submit import submit_job
+    from workers.dispatch import enqueue_job
+
+    spec = JobSpec(dataset=DATASET, model=MODEL, dtype=DTYPE, params={**PARAMS, **params})
+    with session_scope() as s:
+        job = submit_job(s, request=spec, settings=get_settings(), enqueue=enqueue_job)
+        assert job.kind == "pipeline"
+        return str(job.id)
+
+
 def start_worker(name: str, log_dir: Path, **kw) -> subprocess.Popen:
     from workers.cli import spawn_worker
 
