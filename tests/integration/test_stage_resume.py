@@ -29,7 +29,6 @@ import pytest
 from tests.integration import worker_helpers as h
 from tests.integration.test_pipeline_resume import (
     _items,
-    _submit,
     services,  # noqa: F401  (fixture)
 )
 from tests.scripted_openai import Action, ScriptedServer
@@ -97,7 +96,7 @@ def test_kill_9_in_a_stage_resumes_without_repeating_finished_work(
     prefixes = _eval_prefixes()
     with ScriptedServer(lambda req, n: Action(text="3")) as srv:
         monkeypatch.setenv("CHATSPACE_JUDGE_BASE_URL", srv.base_url)
-        job_id = _submit(max_samples=3, judge="judge-m", min_count=1)
+        job_id = h.submit_pipeline(max_samples=3, judge="judge-m", min_count=1)
         first = h.start_worker("stage-w", tmp / "logs")
         try:
             deadline = time.monotonic() + 300
