@@ -23,6 +23,16 @@
 #    CHATSPACE_TEST_GPU_INDEX=1 BENCH_ARGS="--paths ingraph --prompts 288 --prompt-len 256 --tokens 128 \
 #      --reps 3 --gpu-memory-utilization 0.45 --compiled-share 0.45" bash scripts/gpu-check.sh bench-8b; wait)
 #   (... BENCH_ARGS="--paths ingraph --prompts 768 --prompt-len 256 --tokens 128 --reps 3" ... bench-0.6b & ... bench-8b)
+# Stop 23 (2x H200, 1,643 s of device time in all, each after the unpack call):
+#   (CHATSPACE_TEST_GPU_INDEX=0 BENCH_ARGS="--paths ingraph,ingraph_async --modes plain,capture_all_layers,\
+#      steer_all_layers,mixed_8_specs --no-capture-modes --prompts 288 --prompt-len 256 --tokens 128 --reps 2 \
+#      --gpu-memory-utilization 0.3 --compiled-share 0.3" bash scripts/gpu-check.sh bench-8b &
+#    OUT=$OUT/l1 CHATSPACE_TEST_GPU_INDEX=1 bash scripts/gpu-check.sh ingraph; wait)
+#   (CHATSPACE_TEST_GPU_INDEX=0 JOB_SHAPE=qwen3-8b JOB_BENCH_ARGS="--personas 2 --questions 120 --tokens 128 \
+#      --batch-sizes default --reps 1" bash scripts/gpu-check.sh job-throughput &
+#    OUT=$OUT/l1 CHATSPACE_TEST_GPU_INDEX=1 JOB_SHAPE=qwen3-32b JOB_BENCH_ARGS="--personas 1 --questions 120 \
+#      --tokens 128 --batch-sizes default --reps 1 --sequential --cold-samples 32" \
+#      bash scripts/gpu-check.sh job-throughput; wait)
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
 # back); the bench JSON belongs in bench/results/.
