@@ -241,7 +241,7 @@ def test_worker_command_hands_its_options_to_the_workers_runtime(run, monkeypatc
             "--max-jobs", "2", "--exit-when-idle")
     assert r.exit_code == 0, r.output
     assert seen == {"model": "tiny:qwen3", "dtype": "float32", "gpus": "0,1", "queues": None,
-                    "name": None, "max_jobs": 2, "exit_when_idle": True}
+                    "name": None, "max_jobs": 2, "exit_when_idle": True, "judge_model": None}
 
 
 def test_ready_reports_the_broken_dependency(api, run, monkeypatch):
