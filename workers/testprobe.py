@@ -42,7 +42,8 @@ class Probe:
 
 
 class _Counted:
-    """The engine, with every ``generate`` / ``capture`` call written to the probe."""
+    """The engine, with every ``generate`` / ``capture`` call and every streamed batch
+    written to the probe."""
 
     def __init__(self, engine, probe: Probe, stage: str, persona: str):
         self._engine, self._probe, self._item = engine, probe, (stage, persona)
@@ -56,6 +57,20 @@ class _Counted:
         out = self._engine.capture(sequences, *args, **kw)
         self._probe.write(*self._item, "capture", requests=len(sequences))
         return out
+
+    def stream(self, items, *args, **kw):
+        """The engine's stream: one line per finished batch of samples (their generations,
+        and the re-reads among them), written as the batch comes back."""
+        inner = self._engine.stream(items, *args, **kw)
+        try:
+            for batch in inner:
+                self._probe.write(*self._item, "generate", requests=len(batch))
+                reread = sum(1 for r in batch if getattr(r, "capture", None) is not None)
+                if reread:
+                    self._probe.write(*self._item, "capture", requests=reread)
+                yield batch
+        finally:
+            inner.close()
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
