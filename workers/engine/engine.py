@@ -368,12 +368,16 @@ class SteeringEngine:
 
     def _validate(self, specs: list[RequestSpec | None]) -> None:
         validate_specs(specs, num_layers=self.num_layers, hidden_size=self.hidden_size)
-        if self.steering_path == "ingraph":
-            for i, spec in enumerate(specs):
-                if spec is not None and spec.capture is not None and spec.capture.raw:
-                    raise SpecError(f"specs[{i}].capture.raw", "raw per-token capture needs "
-                                    "the eager steering path (CHATSPACE_ENGINE_STEERING_PATH="
-                                    "eager); the in-graph path returns span means only")
+        for i, spec in enumerate(specs):
+            self._check_path(spec, f"specs[{i}]")
+
+    def _check_path(self, spec: RequestSpec | None, where: str) -> None:
+        """What the steering path cannot serve: raw per-token capture on the in-graph op."""
+        if (self.steering_path == "ingraph" and spec is not None and spec.capture is not None
+                and spec.capture.raw):
+            raise SpecError(f"{where}.capture.raw", "raw per-token capture needs the eager "
+                            "steering path (CHATSPACE_ENGINE_STEERING_PATH=eager); the "
+                            "in-graph path returns span means only")
 
     def _params(self, options: SamplingOptions, spec: RequestSpec | None, uid: str,
                 max_tokens: int | None = None, prompt_len: int | None = None,
@@ -504,12 +508,9 @@ class SteeringEngine:
                 seen[id(spec.steer)] = spec.steer  # held: its id stays unique
             validate_spec(RequestSpec(capture=spec.capture), num_layers=self.num_layers,
                           hidden_size=self.hidden_size)
-            if self.steering_path == "ingraph" and spec.capture is not None and spec.capture.raw:
-                raise SpecError("capture.raw", "raw per-token capture needs the eager steering "
-                                "path (CHATSPACE_ENGINE_STEERING_PATH=eager); the in-graph "
-                                "path returns span means only")
         except SpecError as exc:
             raise SpecError(f"{where}.{exc.field}", exc.message) from None
+        self._check_path(spec, where)
 
     def _results(self, outs, specs, uids, per_rank) -> list[GenResult]:
         from workers.engine.extension import unlink_shipped
