@@ -66,6 +66,9 @@ class EngineSettings(BaseSettings):
     # drops the extra forward it gives a request that stopped on a sampled stop token.
     # None: on with the in-graph path, off with the eager hooks.
     async_scheduling: bool | None = None
+    # how the in-graph path's finished captures leave vLLM's worker: auto/ipc = one CUDA IPC
+    # handle per step (the engine copies the block to the host), rpc = bytes through vLLM's RPC
+    readout: Literal["auto", "ipc", "rpc"] = "auto"
     # vLLM's load_format; "dummy" = random weights from the config (benchmarks at real shapes)
     load_format: str = "auto"
     # sequences vLLM runs at once; None = vLLM's own offline default for the card

@@ -132,7 +132,9 @@ def main(argv=None) -> dict:
     p.add_argument("--paths", default="eager,ingraph",
                    help="steering paths to measure: eager (hooks, eager vLLM), ingraph (one op "
                    "per layer inside compiled graphs and CUDA graphs) and/or ingraph_async "
-                   "(the same with vLLM's async scheduling on)")
+                   "(the same with vLLM's async scheduling on); a suffix _rpc reads captures "
+                   "out as bytes through vLLM's RPC instead of a CUDA IPC handle "
+                   "(e.g. ingraph_async_rpc)")
     p.add_argument("--ingraph-share", type=float, default=None,
                    help="the in-graph engine's share (default: --gpu-memory-utilization)")
     p.add_argument("--prefix-caching", action="store_true")
@@ -197,9 +199,10 @@ def main(argv=None) -> dict:
         share = args.gpu_memory_utilization if sp == "eager" else (
             args.ingraph_share or args.gpu_memory_utilization)
         t = time.perf_counter()
-        engines[sp] = SteeringEngine(path, gpu_memory_utilization=share,
-                                     steering_path=sp.removesuffix("_async"),
-                                     async_scheduling=sp.endswith("_async"), **common)
+        base, *flags = sp.split("_")
+        engines[sp] = SteeringEngine(path, gpu_memory_utilization=share, steering_path=base,
+                                     async_scheduling="async" in flags,
+                                     readout="rpc" if "rpc" in flags else "auto", **common)
         start_s[f"steering_engine_{sp}"] = time.perf_counter() - t
     eng = engines[paths[0]]
     try:
@@ -304,9 +307,9 @@ def main(argv=None) -> dict:
 def _engine_of(label: str, engines: dict):
     if label.startswith("plain_compiled"):
         return None
-    for sp in ("ingraph_async", "ingraph"):
-        if label.startswith(sp + "_"):
-            return engines.get(sp)
+    for sp in sorted(engines, key=len, reverse=True):  # ingraph_async_rpc before ingraph
+        if sp != "eager" and label.startswith(sp + "_"):
+            return engines[sp]
     return engines.get("eager")
 
 
@@ -354,11 +357,11 @@ def _ratio(row: dict, key: str) -> str:
 def _print(result: dict) -> None:
     info = result["info"]
     print(f"# {info}")
-    print(f"{'config':<28}{'median tok/s':>13}{'spread':>8}{'/eager':>8}{'/compiled':>10}"
+    print(f"{'config':<38}{'median tok/s':>13}{'spread':>8}{'/eager':>8}{'/compiled':>10}"
           f"{'/v1 sync':>9}")
     for r in result["rows"]:
         last = _ratio(r, "ratio_vs_one_at_a_time") if "ratio_vs_one_at_a_time" in r else ""
-        print(f"{r['config']:<28}{r['median_tok_s']:>13.0f}{r['spread']:>7.0%} "
+        print(f"{r['config']:<38}{r['median_tok_s']:>13.0f}{r['spread']:>7.0%} "
               f"{_ratio(r, 'ratio_vs_plain_eager'):>8}{_ratio(r, 'ratio_vs_plain_compiled'):>10}"
               f"{_ratio(r, 'ratio_vs_plain_compiled_v1_sync'):>9}"
               + (f"  (batched / one at a time: {last})" if last else ""))

@@ -33,6 +33,13 @@
 #    OUT=$OUT/l1 CHATSPACE_TEST_GPU_INDEX=1 JOB_SHAPE=qwen3-32b JOB_BENCH_ARGS="--personas 1 --questions 120 \
 #      --tokens 128 --batch-sizes default --reps 1 --sequential --cold-samples 32" \
 #      bash scripts/gpu-check.sh job-throughput; wait)
+# Stop 24 (one H200; INGRAPH_TIMEOUT / BENCH_TIMEOUT keep two phases inside one 600 s call):
+#   (INGRAPH_TIMEOUT=330 bash scripts/gpu-check.sh ingraph; BENCH_TIMEOUT=220 BENCH_ARGS="--paths \
+#      ingraph_async --modes plain,capture_all_layers,steer_all_layers,mixed_8_specs --no-capture-modes \
+#      --prompts 768 --prompt-len 256 --tokens 128 --reps 3" bash scripts/gpu-check.sh bench-0.6b)
+#   BENCH_ARGS="--paths ingraph_async,ingraph_async_rpc --modes plain,capture_all_layers,steer_all_layers,\
+#      mixed_8_specs --no-capture-modes --prompts 288 --prompt-len 256 --tokens 128 --reps 3 \
+#      --gpu-memory-utilization 0.3 --compiled-share 0.3" bash scripts/gpu-check.sh bench-8b
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
 # back); the bench JSON belongs in bench/results/.
@@ -80,7 +87,7 @@ for phase in "$@"; do
       gpu_tests cleanup 240 tests/gpu/test_gpu_cleanup.py ;;  # own process: reads NVML
     ingraph)  # the in-graph op: kernel vs reference, engine vs eager hooks and transformers
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
-      gpu_tests ingraph 480 tests/gpu/test_gpu_ingraph.py ;;
+      gpu_tests ingraph "${INGRAPH_TIMEOUT:-480}" tests/gpu/test_gpu_ingraph.py ;;
     parity)
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
       gpu_tests parity 420 tests/gpu/test_gpu_parity.py ${PARITY_K:+-k "$PARITY_K"} ;;
@@ -90,7 +97,7 @@ for phase in "$@"; do
     bench-0.6b|bench-8b)
       export CUDA_VISIBLE_DEVICES=$idx
       shape=${phase#bench-}
-      timeout 570 python3 bench/engine_overhead.py --shape "qwen3-$shape" --dtype bfloat16 \
+      timeout "${BENCH_TIMEOUT:-570}" python3 bench/engine_overhead.py --shape "qwen3-$shape" --dtype bfloat16 \
         --json "$OUT/bench-${card}-qwen3-${shape}-${stamp}.json" ${BENCH_ARGS:-${BENCH[$shape]}} \
         > "$OUT/bench-$shape.log" 2>&1
       echo "bench $shape rc=$?"; grep -A12 "^config" "$OUT/bench-$shape.log"; tail -3 "$OUT/bench-$shape.log" ;;

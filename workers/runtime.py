@@ -105,7 +105,7 @@ def steering_path(settings: Settings) -> dict:
     asynchronous = e.async_scheduling if e.async_scheduling is not None else path == "ingraph"
     if asynchronous and path == "eager":
         asynchronous = False  # auto resolved to eager: async scheduling would be refused
-    return {"steering_path": path, "async_scheduling": asynchronous}
+    return {"steering_path": path, "async_scheduling": asynchronous, "readout": e.readout}
 
 
 def load_engine(model: str, dtype: str, settings: Settings) -> Engine:

@@ -132,6 +132,8 @@ def test_ingraph_capture_parity(trio):
            worst_vs_eager=worst_eager, tol=TOL[dtype])
     assert worst < TOL[dtype] and worst_eager < TOL[dtype]
     assert rel_err(got[1].means["prompt"], ref[0].means["prompt"]) > TOL[dtype]
+    # the means crossed as CUDA IPC blocks (readout "auto" on a GPU), not as RPC bytes
+    assert ing._rpc("steering_ingraph_stats")[0]["ipc_blocks"] > 0
 
 
 @pytest.mark.parametrize("n", [6, 3])  # decode batches padded to CUDA-graph sizes 8 and 4

@@ -53,7 +53,7 @@ def test_auto_steering_path_is_ingraph_with_async_on_a_gpu_and_eager_elsewhere(m
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(gpu, "visible_gpus", lambda: ["0"])
     assert runtime.steering_path(Settings()) == {"steering_path": "ingraph",
-                                                 "async_scheduling": True}
+                                                 "async_scheduling": True, "readout": "auto"}
     monkeypatch.setenv("CHATSPACE_ENGINE_TENSOR_PARALLEL_SIZE", "2")
     assert runtime.steering_path(Settings())["steering_path"] == "eager"
     monkeypatch.delenv("CHATSPACE_ENGINE_TENSOR_PARALLEL_SIZE")
@@ -62,7 +62,7 @@ def test_auto_steering_path_is_ingraph_with_async_on_a_gpu_and_eager_elsewhere(m
     monkeypatch.delenv("CHATSPACE_ENGINE_ASYNC_SCHEDULING")
     monkeypatch.setattr(gpu, "visible_gpus", list)
     assert runtime.steering_path(Settings()) == {"steering_path": "eager",
-                                                 "async_scheduling": False}
+                                                 "async_scheduling": False, "readout": "auto"}
     monkeypatch.setenv("CHATSPACE_ENGINE_STEERING_PATH", "ingraph")
     assert runtime.steering_path(Settings()) == {"steering_path": "ingraph",
-                                                 "async_scheduling": True}
+                                                 "async_scheduling": True, "readout": "auto"}

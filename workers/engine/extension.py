@@ -28,6 +28,7 @@ import logging
 import os
 import traceback
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,7 +337,10 @@ def pack(t: torch.Tensor) -> dict:
 
 
 def unpack(d: dict) -> torch.Tensor:
-    """A tensor from :func:`pack` bytes, or a copy-on-write view of a :func:`ship` file."""
+    """A tensor from :func:`pack` bytes, a copy-on-write view of a :func:`ship` file, or a
+    host copy :func:`fetch_ipc` made."""
+    if "tensor" in d:
+        return d["tensor"]
     if "shm" in d:
         arr = np.memmap(d["shm"], dtype=np.float32, mode="c", offset=int(d["offset"]),
                         shape=tuple(d["shape"]))
@@ -387,6 +391,70 @@ def ship(parts: list[tuple[torch.Tensor, int]]) -> list[dict]:
     buf.flush()
     del flat, buf
     return out
+
+
+# Device blocks of means handed to the engine's process by CUDA IPC (:func:`ship_ipc`): the
+# engine copies each to the host before its next step, so the last two suffice (torch's IPC
+# ref-counting keeps a block the engine still maps alive past its eviction here anyway).
+_exported: deque = deque(maxlen=2)
+
+
+def ship_ipc(parts: list[tuple[torch.Tensor, int]]) -> list[dict]:
+    """:func:`ship` for sums on a CUDA device: the means are divided on the device into one
+    fp32 block, and what crosses vLLM's RPC is the block's CUDA IPC handle (a few hundred
+    bytes) instead of its bytes; the engine's process maps it and makes the one device -> host
+    copy (:func:`fetch_ipc`). Measured cost of the bytes path: 1.5 s per 510 MB (288 all-layer
+    captures of an 8B model, H200, bench/results 2200Z)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    sizes = [int(t.numel()) for t, _ in parts]
+    flat = torch.empty(sum(sizes), dtype=torch.float32, device=parts[0][0].device)
+    out, off = [], 0
+    for (t, n), size in zip(parts, sizes):
+        torch.div(t.float(), n, out=flat[off:off + size].view(t.shape))
+        out.append({"shape": list(t.shape), "offset": off})
+        off += size
+    _exported.append(flat)
+    _, args = reduce_tensor(flat)
+    (_, size, stride, toff, _, _, device, handle, ssize, soff, _, rc_handle, rc_off, event,
+     event_sync) = args
+    block = {"size": list(size), "stride": list(stride), "offset": int(toff),
+             "device": int(device), "handle": bytes(handle), "storage_size": int(ssize),
+             "storage_offset": int(soff), "ref_handle": bytes(rc_handle),
+             "ref_offset": int(rc_off), "event": None if event is None else bytes(event),
+             "event_sync": bool(event_sync)}
+    for d in out:
+        d["ipc"] = block
+    return out
+
+
+def fetch_ipc(per_rank: list[dict]) -> None:
+    """The engine's side of :func:`ship_ipc`: every mean descriptor with an IPC block becomes
+    inline host data (``{"tensor": ...}``, read by :func:`unpack`); each block is mapped and
+    copied to the host once."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    hosts: dict[bytes, torch.Tensor] = {}
+    for res in per_rank:
+        for got in res.values():
+            for name, d in ((got or {}).get("means") or {}).items():
+                if not (isinstance(d, dict) and "ipc" in d):
+                    continue
+                b = d["ipc"]
+                key = bytes(b["handle"]) + int(b["storage_offset"]).to_bytes(8, "little")
+                host = hosts.get(key)
+                if host is None:
+                    dev = rebuild_cuda_tensor(
+                        torch.Tensor, tuple(b["size"]), tuple(b["stride"]), int(b["offset"]),
+                        torch.storage.TypedStorage, torch.float32, int(b["device"]),
+                        bytes(b["handle"]), int(b["storage_size"]), int(b["storage_offset"]),
+                        False, bytes(b["ref_handle"]), int(b["ref_offset"]),
+                        None if b["event"] is None else bytes(b["event"]), bool(b["event_sync"]))
+                    host = hosts[key] = dev.cpu()
+                    del dev  # unmapped: the worker may reuse the block
+                size = int(np.prod(d["shape"]))
+                got["means"][name] = {"tensor": host[d["offset"]:d["offset"] + size]
+                                      .view(tuple(d["shape"]))}
 
 
 def unlink_shipped(descriptors) -> None:

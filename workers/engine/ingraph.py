@@ -39,6 +39,7 @@ from workers.engine.extension import (
     _describe,
     _Req,
     ship,
+    ship_ipc,
     sweep_shipped,
 )
 from workers.engine.ops import CompiledOps
@@ -53,14 +54,24 @@ CONFIG_KEY = "chatspace_ingraph"  # vllm_config.additional_config[CONFIG_KEY]
 ATTR = "_chatspace_ingraph"  # the runner's state attribute
 
 
+READOUTS = ("auto", "ipc", "rpc")
+
+
 def config(*, max_num_seqs: int, rows: int = 64, pool: int = 2048, kmax: int = 8,
-           slots: int | None = None, async_scheduling: bool = False) -> dict:
+           slots: int | None = None, async_scheduling: bool = False,
+           readout: str = "auto") -> dict:
     """The engine's request for the in-graph path; hashed into vLLM's compile-cache key.
     ``async_scheduling``: hold each capture request's latest response row back (``pend``),
-    so the extra forward vLLM's async scheduler gives a request that stopped is dropped."""
+    so the extra forward vLLM's async scheduler gives a request that stopped is dropped.
+    ``readout``: how finished means reach the engine's process: ``rpc`` as bytes through
+    vLLM's RPC; ``ipc`` (and ``auto``) as a CUDA IPC handle of one device block when the
+    buffers are on a CUDA device (bytes otherwise)."""
+    if readout not in READOUTS:
+        raise InGraphError(f"readout={readout!r}: use one of {', '.join(READOUTS)}")
     return {"salt": iop.SALT, "rows": int(rows), "pool": int(pool), "kmax": int(kmax),
             "slots": int(slots if slots is not None else 3 * max_num_seqs + 16),
-            "pslots": int(2 * max_num_seqs + 16), "async": bool(async_scheduling)}
+            "pslots": int(2 * max_num_seqs + 16), "async": bool(async_scheduling),
+            "readout": "rpc" if readout == "rpc" else "ipc"}
 
 
 class InGraphError(RuntimeError):
@@ -197,7 +208,7 @@ class _Steps:
         self.errors: list[str] = []  # the last step-fill failures (steering_ingraph_stats)
         # Host time spent in this path (steering_ingraph_stats; bench/engine_overhead.py)
         self.timing = {"fill_s": 0.0, "finish_s": 0.0, "collect_s": 0.0, "finished": 0,
-                       "host_bytes": 0}
+                       "host_bytes": 0, "ipc_blocks": 0}
         orig = runner._model_forward
 
         def model_forward(*args, **kwargs):
@@ -475,26 +486,30 @@ class _Steps:
         self.timing["finished"] += len(reqs)
 
     @staticmethod
-    def _to_host(pendings: list[dict]) -> int:
-        """One device -> host copy for every gathered block not yet on the host."""
+    def _to_host(pendings: list[dict], *, sums: bool = True) -> int:
+        """One device -> host copy for every gathered block not yet on the host; with
+        ``sums=False`` only the counters cross (the sums stay on the device, for
+        :func:`ship_ipc`)."""
         todo = [p for p in pendings if p["host"] is None]
         if not todo:
             return 0
+        move = (lambda t: t.cpu()) if sums else (lambda t: t)
         hits = torch.cat([p["hits"] for p in todo]).cpu()
         blocks = [p["sums"] for p in todo if p["sums"] is not None]
-        sums = torch.cat(blocks).cpu() if blocks else None
+        sums_ = move(torch.cat(blocks)) if blocks else None
         helds = [p["held"] for p in todo if p["held"] is not None]
-        held = torch.cat(helds).cpu() if helds else None
+        held = move(torch.cat(helds)) if helds else None
         h = s = e = 0
         for p in todo:
             nh = p["hits"].shape[0]
             ns = 0 if p["sums"] is None else p["sums"].shape[0]
             ne = 0 if p["held"] is None else p["held"].shape[0]
-            p["host"] = (hits[h:h + nh], None if sums is None else sums[s:s + ns],
+            p["host"] = (hits[h:h + nh], None if sums_ is None else sums_[s:s + ns],
                          None if p["held"] is None else held[e:e + ne])
             p["hits"] = p["sums"] = p["held"] = None  # device copies back to the allocator
             h, s, e = h + nh, s + ns, e + ne
-        return sum(t.numel() * t.element_size() for t in (hits, sums, held) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (hits, sums_, held)
+                   if t is not None and not t.is_cuda)
 
     def collect(self, uids: list[str], rank: int,
                 ends: dict[str, int] | None = None) -> dict[str, dict | None]:
@@ -511,13 +526,16 @@ class _Steps:
         reqs = {uid: self.by_uid.pop(uid, None) for uid in uids}
         pendings = {id(r.result[0]): r.result[0] for r in reqs.values()
                     if r is not None and r.result is not None}
-        self.timing["host_bytes"] += self._to_host(list(pendings.values()))
+        # readout "ipc": the sums stay on the device and cross as one CUDA IPC block
+        ipc = self.cfg.get("readout") == "ipc" and self.device.type == "cuda"
+        self.timing["host_bytes"] += self._to_host(list(pendings.values()), sums=not ipc)
         ends = ends or {}
         parts: list[tuple[torch.Tensor, int]] = []  # (sum, rows) of every mean, shipped at once
         out = {uid: None if req is None else self._result(req, rank, ends.get(uid), parts)
                for uid, req in reqs.items()}
         if parts:
-            shipped = ship(parts)
+            shipped = ship_ipc(parts) if ipc else ship(parts)
+            self.timing["ipc_blocks"] += int(ipc)
             for res in out.values():
                 if res is not None and "means" in res:
                     res["means"] = {k: shipped[i] for k, i in res["means"].items()}
