@@ -450,11 +450,25 @@ def fetch_ipc(per_rank: list[dict]) -> None:
                         bytes(b["handle"]), int(b["storage_size"]), int(b["storage_offset"]),
                         False, bytes(b["ref_handle"]), int(b["ref_offset"]),
                         None if b["event"] is None else bytes(b["event"]), bool(b["event_sync"]))
-                    host = hosts[key] = dev.cpu()
+                    host = hosts[key] = _host_copy(dev)
                     del dev  # unmapped: the worker may reuse the block
                 size = int(np.prod(d["shape"]))
                 got["means"][name] = {"tensor": host[d["offset"]:d["offset"] + size]
                                       .view(tuple(d["shape"]))}
+
+
+def _host_copy(dev: torch.Tensor) -> torch.Tensor:
+    """``dev`` on the host, copied into page-locked memory: a DMA copy at full bus speed
+    (pageable memory goes through a staging buffer; measured on an H200 host: 0.39 s of host
+    time per 510 MB at collect, most of what capture still cost against plain compiled vLLM).
+    Page-locked blocks come from torch's caching host allocator, so a block freed with its
+    last mean is reused by a later step instead of being locked again."""
+    try:
+        host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
+    except RuntimeError:  # no page-locked memory to be had: pageable, slower
+        return dev.cpu()
+    host.copy_(dev)
+    return host
 
 
 def unlink_shipped(descriptors) -> None:
