@@ -767,6 +767,16 @@ class _Run:
         self.collect_s += time.perf_counter() - t
         return finished, got
 
+    def abort(self, uids) -> None:
+        """Abort some of this run's requests (one stream of a shared run ended early:
+        :mod:`workers.engine.lanes`); the rest go on."""
+        queued = {p[0] for p in self.pending}
+        self.pending = [p for p in self.pending if p[0] not in uids]
+        left = [uid for uid in uids if self.flights.pop(uid, None) is not None
+                and uid not in queued]
+        if left:
+            self.vllm.abort_request(left)
+
     def close(self) -> None:
         """Abort what is still in vLLM (a run left early); the next run resets the rest."""
         self.engine._streaming = False
