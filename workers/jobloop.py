@@ -269,7 +269,7 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
     """The loop both kinds of job share: claim (Postgres lease, attempt fence), run,
     complete or fail, until nothing is claimable; then finish the job if it is done.
 
-    Errors map to states here (:func:`_settle`): OOM after the last halving -> ``failed(oom)``;
+    Errors map to states here (:meth:`_Loop.settle`): OOM after the last halving -> ``failed(oom)``;
     cancel -> the item is released; a spec error or a rejected judge request -> failed (no
     retry fixes them); anything else -> failed and retried up to ``max_item_attempts``, and a
     transient outage (:class:`RetryableError`, the judge down) leaves its item queued for a
@@ -337,7 +337,13 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
         steps.before_finish(store)
         db_retry(finish, job_id, settings=settings, store=store, what="finish")
     finally:
-        loop.close()  # an item still running when the loop ended on an error: its lease lapses
+        if ahead is not None:  # the loop ended on an error with the next persona running
+            try:
+                loop.settle(ahead)
+            except Exception:
+                log.exception("job %s: persona %s could not be settled", job_id,
+                              ahead.item.persona)
+        loop.close()
         stores.close()  # a persona being stored when the loop ended on an error completes
         if engine.engine is not None:
             figures = runtime.cleanup(on_event=event)

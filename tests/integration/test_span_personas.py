@@ -121,3 +121,26 @@ def test_injected_oom_with_overlap_halves_that_persona_and_succeeds(services, mo
         scale = max(1.0, float(np.abs(ref["activations"]).max()))
         np.testing.assert_allclose(art.activations, ref["activations"], rtol=1e-3,
                                    atol=1e-3 * scale)
+
+
+def test_cancel_with_two_personas_in_flight_releases_both_and_the_engine_serves_on(services):
+    """A cancel while personas span the run: each in flight is released (the job ends
+    ``cancelled``, nothing left running), the shared run is closed, and the same warm worker
+    runs the next job."""
+    from app import jobs
+    from app.db import session_scope
+
+    procs, logs = services
+    procs.append(h.start_worker("span-cancel", logs))
+    job_id = h.submit("capture", {**PARAMS, "max_tokens": 48})
+    h.wait_for(job_id, until=lambda r: sum(i["state"] == "running" for i in r["items"]) == 2,
+               log_dir=logs, worker=procs[-1], interval=0.05)  # two personas in flight
+    with session_scope() as s:
+        jobs.request_cancel(s, job_id=job_id)
+    row = h.wait_for(job_id, log_dir=logs, worker=procs[-1], timeout=60)
+    assert row["state"] == "cancelled", row
+    assert {i["state"] for i in row["items"]} <= {"succeeded", "cancelled"}, row["items"]
+    assert row["manifest_key"] is None
+    nxt = h.submit("capture", {"max_samples": 3})
+    row = h.wait_for(nxt, log_dir=logs, worker=procs[-1])
+    assert row["state"] == "succeeded", row
