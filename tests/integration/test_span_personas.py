@@ -14,6 +14,9 @@ engine the job still succeeds, each of them halving its own cap once.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -35,6 +38,10 @@ def services(pg_url, redis_url, s3_bucket, monkeypatch, tmp_path):
 
     monkeypatch.setenv("CHATSPACE_DATABASE_URL", pg_url)
     monkeypatch.setenv("CHATSPACE_BROKER_URL", redis_url)
+    monkeypatch.setenv("CHATSPACE_HEARTBEAT_S", "1")  # a dead worker is found fast
+    monkeypatch.setenv("CHATSPACE_LEASE_S", "4")
+    monkeypatch.setenv("CHATSPACE_WORKER_STALE_S", "4")
+    monkeypatch.setenv("CHATSPACE_REAPER_INTERVAL_S", "1")
     monkeypatch.setenv("CHATSPACE_ENGINE_MAX_MODEL_LEN", "512")
     monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "vllm")
     get_settings.cache_clear()
@@ -144,3 +151,54 @@ def test_cancel_with_two_personas_in_flight_releases_both_and_the_engine_serves_
     nxt = h.submit("capture", {"max_samples": 3})
     row = h.wait_for(nxt, log_dir=logs, worker=procs[-1])
     assert row["state"] == "succeeded", row
+
+
+def test_persisting_oom_of_a_spanning_persona_fails_the_job_after_its_neighbour(services,
+                                                                                 monkeypatch):
+    """A persona that runs out of memory at every size while it spans the one before: that
+    one completes, the failing persona ends ``failed(oom)`` with its sizes, and the personas
+    not yet run are failed without running (as without spanning)."""
+    procs, logs = services
+    monkeypatch.setenv("CHATSPACE_FAULT_OOM", "curious:99")
+    procs.append(h.start_worker("span-oom-always", logs))
+    job_id = h.submit("capture", PARAMS)
+    row = h.wait_for(job_id, log_dir=logs, worker=procs[-1], timeout=300)
+    assert (row["state"], row["failure_kind"]) == ("failed", "oom"), row
+    items = {i["persona"]: i for i in row["items"]}
+    assert items["default"]["state"] == "succeeded", items
+    cur = items["curious"]
+    assert (cur["state"], cur["failure_kind"]) == ("failed", "oom")
+    assert "tried 12, 6, 3, 1" in cur["error"], cur["error"]
+    for persona in ("optimistic", "sycophantic"):
+        assert items[persona]["state"] == "failed" and "not run" in items[persona]["error"]
+    assert row["manifest_key"] is None
+
+
+def test_sigkill_with_two_personas_in_flight_resumes_each_persona_once(services):
+    """kill -9 of the worker (and its engine) while two personas share the run: both leases
+    lapse, the next worker claims them again, every persona succeeds exactly once and no
+    persona finished before the kill runs again."""
+    procs, logs = services
+    first = h.start_worker("span-kill", logs)
+    procs.append(first)
+    job_id = h.submit("capture", {**PARAMS, "max_tokens": 48})
+    h.wait_for(job_id, until=lambda r: sum(i["state"] == "running" for i in r["items"]) == 2,
+               log_dir=logs, worker=first, interval=0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(10)
+    row = h.job_row(job_id)
+    done_before = {i["persona"]: i["attempt"] for i in row["items"] if i["state"] == "succeeded"}
+    in_flight = [i["persona"] for i in row["items"] if i["state"] == "running"]
+    assert row["state"] == "running" and in_flight, row
+    procs.append(h.start_worker("span-kill", logs))
+    row = h.wait_for(job_id, log_dir=logs, worker=procs[-1], timeout=300)
+    assert row["state"] == "succeeded", row
+    h.check_artifacts(job_id, row)
+    persona_of = {i["id"]: i["persona"] for i in row["items"]}
+    done = [persona_of[e["item_id"]] for e in row["events"]
+            if e["kind"] == "state" and e["item_id"] is not None and e["to"] == "succeeded"]
+    assert sorted(done) == sorted(i["persona"] for i in row["items"])  # each exactly once
+    for persona, attempt in done_before.items():
+        assert next(i["attempt"] for i in row["items"] if i["persona"] == persona) == attempt
+    again = [i["persona"] for i in row["items"] if i["attempt"] > 1]
+    assert set(again) <= set(in_flight), (again, in_flight)
