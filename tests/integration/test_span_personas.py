@@ -202,3 +202,37 @@ def test_sigkill_with_two_personas_in_flight_resumes_each_persona_once(services)
         assert next(i["attempt"] for i in row["items"] if i["persona"] == persona) == attempt
     again = [i["persona"] for i in row["items"] if i["attempt"] > 1]
     assert set(again) <= set(in_flight), (again, in_flight)
+
+
+def test_steered_rollout_spanning_personas_equals_a_drained_one(services, monkeypatch):
+    """A rollout whose every persona is steered by its own vector (from a capture job):
+    spanning registers each persona's steering in the shared run while the other's requests
+    run; the responses equal those of a worker that does not span."""
+    import json
+
+    from app.settings import get_settings
+    from app.storage import get_store
+
+    procs, logs = services
+    procs.append(h.start_worker("span-roll", logs))
+    capture_id = h.submit("capture", {"max_samples": 4})
+    assert h.wait_for(capture_id, log_dir=logs, worker=procs[-1])["state"] == "succeeded"
+    steer = [{"op": "add", "layer": 2, "scale": 4.0,
+              "from": {"job_id": capture_id, "vector": "pos_neg"}}]
+    params = {"max_samples": 8, "max_tokens": 16, "batch_size": None, "steer": steer}
+
+    def responses(job_id):
+        row = h.wait_for(job_id, log_dir=logs, worker=procs[-1], timeout=300)
+        assert row["state"] == "succeeded", row
+        store = get_store(get_settings())
+        return row, {i["persona"]: [json.loads(line)["response"] for line in
+                                    store.get_bytes(i["key"]).decode().splitlines()]
+                     for i in row["items"]}
+
+    row, spanned = responses(h.submit("rollout", params))
+    assert _overlaps(row, strict=False)
+    h.stop(procs.pop())
+    monkeypatch.setenv("CHATSPACE_ENGINE_SPAN_PERSONAS", "0")
+    procs.append(h.start_worker("span-roll-off", logs))
+    _, drained = responses(h.submit("rollout", params))
+    assert spanned == drained
