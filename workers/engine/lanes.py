@@ -209,8 +209,6 @@ class SharedStream:
             lane.timing.setdefault("first_in", time.time())
 
     def _route(self, finished, per_rank: list[dict]) -> None:
-        from workers.engine.extension import unlink_shipped
-
         by_lane: dict[int, list] = {}
         owner = {}
         for fl, out in finished:
@@ -220,12 +218,9 @@ class SharedStream:
             lane.uids.discard(fl.uid)
             owner[id(lane)] = lane
             by_lane.setdefault(id(lane), []).append((fl, out))
-        try:  # every lane's means are mapped before the shipped files are unlinked
+        with self.engine._readout(per_rank):  # one readout of the step, for every lane
             for key, done in by_lane.items():
                 self._finish(owner[key], done, per_rank)
-        finally:
-            unlink_shipped(d for res in per_rank for got in res.values() if got
-                           for d in (got.get("means") or {}).values())
 
     def _finish(self, lane: _Lane, done: list, per_rank: list[dict]) -> None:
         uids = {fl.uid for fl, _ in done}
@@ -279,16 +274,13 @@ class SharedStream:
     def _abort(self, lane: _Lane) -> None:
         """Abort a lane's requests and free what the extension holds for them (the run may
         stay open for the other lane a long time: its reset comes only when the run closes)."""
-        from workers.engine.extension import unlink_shipped
-
         uids, lane.uids, lane.live = list(lane.uids), set(), 0
         if not uids or self._run is None:
             return
         self._run.abort(uids)
         try:
-            got = self.engine._rpc("steering_collect", uids, None)
-            unlink_shipped(d for res in got for r in res.values() if r
-                           for d in (r.get("means") or {}).values())
+            with self.engine._readout(self.engine._rpc("steering_collect", uids, None)):
+                pass  # nobody reads them
         except Exception:
             log.warning("freeing %d aborted requests' capture state failed", len(uids),
                         exc_info=True)
