@@ -128,6 +128,8 @@ def _env(args, tmp: Path, load_format: str) -> dict:
            "CHATSPACE_MODELS_DIR": str(Path(tempfile.gettempdir()) / "cs-models")}
     if args.steering_path:
         env["CHATSPACE_ENGINE_STEERING_PATH"] = args.steering_path
+    if args.no_span:
+        env["CHATSPACE_ENGINE_SPAN_PERSONAS"] = "0"
     if args.gpu_memory_utilization is not None:  # unset on CPU: 10 % of host RAM each
         env["CHATSPACE_ENGINE_GPU_MEMORY_UTILIZATION"] = str(args.gpu_memory_utilization)
     for k in [k for k in os.environ if k.startswith("CHATSPACE_") and k not in env]:
@@ -302,6 +304,9 @@ def main(argv=None) -> dict:
                    help="one engine at a time, for a shape two engines do not fit beside each "
                    "other (32B on one H200): every service run first, then the worker stops "
                    "and the bench's own engine runs the same prompts (not interleaved)")
+    p.add_argument("--no-span", action="store_true",
+                   help="the worker drains each persona's stream before the next starts "
+                   "(CHATSPACE_ENGINE_SPAN_PERSONAS=0): the same code without spanning")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.model.startswith("tiny:") and not args.shape

@@ -3,7 +3,10 @@
 ``batch_size`` is a memory cap. :meth:`BatchPolicy.stream` hands the persona to the engine's
 stream (:meth:`workers.engine.protocol.Engine.stream`) with at most ``batch_size`` samples in
 flight: vLLM's scheduler batches them (``engine.max_num_seqs`` running at a time, refilled as
-they finish) and nothing drains between chunks. :meth:`BatchPolicy.run` calls a function per
+they finish) and nothing drains between chunks; on the vLLM engine the next persona's stream
+joins the same vLLM run once this one's samples are all in (:mod:`workers.engine.lanes`), so
+nothing drains between personas either. An out-of-memory error of that shared run reaches
+both personas' policies: each halves its own cap and re-streams its own unfinished samples. :meth:`BatchPolicy.run` calls a function per
 chunk of ``batch_size`` (the sweep and the pipeline stages that capture given responses).
 
 An out-of-memory error (anything :func:`workers.gpu.is_oom` recognises) frees memory and

@@ -9,9 +9,12 @@ job in parallel, and never runs an item twice.
 One loop (:func:`_run`) serves both kinds of job; what differs is a small steps object:
 :class:`ItemSteps` (capture, rollout: one item per persona, all on the engine) and
 :class:`PipelineSteps` (one item per (stage, persona), the engine only for generate and
-capture). A capture or rollout persona's engine part runs in the loop; its store step (vectors,
-serialisation, upload) runs in a background thread while the next persona is claimed and
-streamed (:class:`_Stores`), and the item completes when its artifact's checksum is back.
+capture). A capture or rollout persona's store step (vectors, serialisation, upload) runs in a
+background thread while the next persona is claimed and streamed (:class:`_Stores`), and the
+item completes when its artifact's checksum is back. On the vLLM engine the personas' streams
+also span each other: the next persona is claimed the moment the current one's samples are all
+in the engine, and its samples join the same vLLM run (:class:`workers.engine.lanes.
+SharedStream`), so the batch never drains at a persona's tail; at most two are in flight.
 Errors map to states in the loop: OOM after the last halving → ``failed(oom)``;
 cancel → the item is released and the job ends ``cancelled``; a failed engine load → a
 ``load_failed`` event on the job (:mod:`workers.loadfail`); anything else → the item is
@@ -27,8 +30,9 @@ engine on SQLite.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -118,6 +122,10 @@ class Steps(Protocol):
 
     def needs_engine(self, item: Claimed) -> bool: ...
 
+    def spans(self) -> bool:
+        """Whether the next item may stream into the engine while this one's last samples are
+        still in it (:func:`_run`): only items whose engine use is one stream."""
+
     def run(self, item: Claimed, *, engine, store, worker: Worker, event, progress,
             cancelled) -> tuple[object, dict]:
         """(result with artifact_key, sha256, size, extra, info; more info to record)."""
@@ -157,6 +165,12 @@ class ItemSteps:
     def needs_engine(self, item: Claimed) -> bool:
         return True
 
+    def spans(self) -> bool:
+        """Capture, and rollout without a sweep: a persona's engine use is one stream (a
+        sweep calls ``generate``, which a shared run would refuse)."""
+        return self.head.kind == "capture" or (self.head.kind == "rollout"
+                                               and not self.params.sweep)
+
     def run(self, item: Claimed, *, engine, store, worker, event, progress, cancelled):
         h = self.head
         ctx = pipeline.ItemContext(
@@ -195,6 +209,10 @@ class PipelineSteps:
 
     def needs_engine(self, item: Claimed) -> bool:
         return item.stage in ENGINE_STAGES
+
+    def spans(self) -> bool:
+        """Not (yet): the stages' engine use is not one stream per item."""
+        return False
 
     def run(self, item: Claimed, *, engine, store, worker, event, progress, cancelled):
         h = self.head
@@ -251,13 +269,22 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
     """The loop both kinds of job share: claim (Postgres lease, attempt fence), run,
     complete or fail, until nothing is claimable; then finish the job if it is done.
 
-    Errors map to states here: OOM after the last halving -> ``failed(oom)``; cancel -> the
-    item is released; a spec error or a rejected judge request -> failed (no retry fixes
-    them); anything else -> failed and retried up to ``max_item_attempts``, and a transient
-    outage (:class:`RetryableError`, the judge down) leaves its item queued for a later
-    delivery instead of spinning. A failed engine load claims nothing (or gives the item
+    Errors map to states here (:meth:`_Loop.settle`): OOM after the last halving -> ``failed(oom)``;
+    cancel -> the item is released; a spec error or a rejected judge request -> failed (no
+    retry fixes them); anything else -> failed and retried up to ``max_item_attempts``, and a
+    transient outage (:class:`RetryableError`, the judge down) leaves its item queued for a
+    later delivery instead of spinning. A failed engine load claims nothing (or gives the item
     back) and is recorded on the job by :class:`_Engine`; the message is dropped and the
-    reconciler wakes a worker for the job again."""
+    reconciler wakes a worker for the job again.
+
+    Spanning (``steps.spans``, capture and plain rollout on the vLLM engine): each persona's
+    engine part runs in a thread on a lane of one shared vLLM run
+    (:class:`workers.engine.lanes.SharedStream`); the moment its samples are all in the
+    engine the next persona is claimed and starts streaming into the same run, so vLLM's
+    batch never drains at a persona's tail. At most two personas are in flight; each is
+    settled (completed, stored, failed, released) on its own, in claim order, exactly as
+    without spanning. A cleanup after a failure waits until the other persona's engine part
+    is over (it may restart the engine)."""
     job_id, settings, runtime = head.id, worker.settings, worker.runtime
 
     def event(kind_: str, data: dict) -> None:
@@ -268,78 +295,199 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
     if steps.engine_now() and not engine.load():
         return {"job_id": job_id, "ran": 0, "reason": "the model could not be loaded"}
     store = get_store(settings)
-    ran = 0
     stores = _Stores(job_id, worker)
+    loop = _Loop(head, worker, steps, engine, store, stores, event)
+    ahead: _Running | None = None
     try:
         while True:
-            item = db_retry(_claim, job_id, worker.name, settings.lease_s, what="claim")
-            if item is None:
-                if stores.wait():  # a store that failed re-queued its item: claim it again
-                    continue
-                break
-            if item.done_key and item.done_sha and store.verify(item.done_key, item.done_sha):
-                db_retry(_complete, job_id, item.id, item.attempt, worker.name, item.done_key,
-                         item.done_sha, info=None, what="complete")
-                event("item_skipped", {"persona": item.persona, "artifact_key": item.done_key})
-                continue
-            if steps.needs_engine(item) and not engine.load():
-                db_retry(_release, item, worker.name, what="release")
-                stores.close()
-                return {"job_id": job_id, "ran": ran + stores.ran,
-                        "reason": "the model could not be loaded"}
-            worker.busy(job_id)
-            try:
-                result, info = steps.run(item, engine=engine, store=store, worker=worker,
-                                         event=event, progress=_progress_writer(item.id,
-                                                                                item.attempt),
-                                         cancelled=_cancel_checker(job_id))
-            except JobCancelled:
-                db_retry(_release, item, worker.name, what="release")
-                break
-            except EngineOOM as exc:
-                _fail(job_id, item.id, item.attempt, worker.name, "oom", exc, requeue=False,
-                      batch_size=exc.batch_size, memory=exc.memory)
-                if steps.oom_fails_rest:
-                    _fail_rest(job_id, worker.name, item.persona, exc)
-                runtime.cleanup(on_event=event)
-                if steps.oom_fails_rest:
+            if ahead is not None:
+                cur, ahead = ahead, None
+            else:
+                item = loop.claim()
+                if item is _NO_ENGINE:
+                    stores.close()
+                    return {"job_id": job_id, "ran": loop.ran + stores.ran,
+                            "reason": "the model could not be loaded"}
+                if item is None:
+                    if stores.wait():  # a store that failed re-queued its item: claim it again
+                        continue
                     break
-                continue
-            except (JudgeRejected, SpecInvalid) as exc:  # no retry fixes these
-                log.warning("job %s %s/%s failed: %s", job_id, item.stage, item.persona, exc)
-                db_retry(_fail, job_id, item.id, item.attempt, worker.name, "error", exc,
-                         requeue=False, what="fail")
-                if steps.needs_engine(item):
-                    runtime.cleanup(on_event=event)
-                continue
-            except Exception as exc:
-                log.exception("job %s %s/%s failed", job_id, item.stage, item.persona)
-                requeue = item.attempt < settings.max_item_attempts
-                db_retry(_fail, job_id, item.id, item.attempt, worker.name, "error", exc,
-                         requeue=requeue, what="fail")
-                if steps.needs_engine(item):
-                    runtime.cleanup(on_event=event)
-                if isinstance(exc, RetryableError) and requeue:
-                    break  # the judge is down: the item waits queued for a later delivery
-                continue
-            if callable(result):  # a store step: vectors, serialisation, upload off the engine
-                stores.submit(item.id, item.attempt, item.persona, result, info)
-                continue
-            db_retry(_complete, job_id, item.id, item.attempt, worker.name,
-                     result.artifact_key, result.sha256, what="complete",
-                     info={"size": result.size, "extra": result.extra, **info, **result.info})
-            ran += 1
+                cur = loop.start(item)
+            if cur.view is not None:
+                cur.fed.wait()  # its samples are all in the engine, or it ended
+                if not cur.future.done():
+                    nxt = loop.claim()
+                    if isinstance(nxt, Claimed):
+                        ahead = loop.start(nxt, after=cur.item.persona)
+            stop, clean = loop.settle(cur)
+            if clean:
+                if ahead is not None:
+                    wait([ahead.future])  # never clean (or restart) under a running persona
+                loop.quiesce()
+                runtime.cleanup(on_event=event)
+            if stop:
+                if ahead is not None:
+                    _, clean = loop.settle(ahead)
+                    ahead = None
+                    if clean:
+                        loop.quiesce()
+                        runtime.cleanup(on_event=event)
+                break
         stores.close()
         steps.before_finish(store)
         db_retry(finish, job_id, settings=settings, store=store, what="finish")
     finally:
+        if ahead is not None:  # the loop ended on an error with the next persona running
+            try:
+                loop.settle(ahead)
+            except Exception:
+                log.exception("job %s: persona %s could not be settled", job_id,
+                              ahead.item.persona)
+        loop.close()
         stores.close()  # a persona being stored when the loop ended on an error completes
         if engine.engine is not None:
             figures = runtime.cleanup(on_event=event)
             if figures.get("memory"):
                 event("cleanup", figures)
         worker.idle()
-    return {"job_id": job_id, "ran": ran + stores.ran}
+    return {"job_id": job_id, "ran": loop.ran + stores.ran}
+
+
+_NO_ENGINE = object()
+
+
+@dataclass
+class _Running:
+    """An item whose run was started: ``fed`` is set when its samples are all in the engine
+    (spanning) or when it ended; ``view`` is its lane of the shared run (None: not spanning)."""
+
+    item: Claimed
+    future: Future
+    fed: threading.Event
+    view: object | None
+    after: str | None = None
+
+
+class _Loop:
+    """:func:`_run`'s steps: claim, start, settle."""
+
+    def __init__(self, head: JobHead, worker: Worker, steps: Steps, engine: _Engine, store,
+                 stores: _Stores, event):
+        self.head, self.worker, self.steps, self.engine = head, worker, steps, engine
+        self.store, self.stores, self.event = store, stores, event
+        self.ran = 0
+        self.spans = steps.spans() and worker.settings.engine.span_personas
+        self._shared = None  # workers.engine.lanes.SharedStream, made on first use
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="item")
+
+    def claim(self):
+        """The next item to run: a Claimed, None (nothing claimable) or ``_NO_ENGINE`` (the
+        engine could not be loaded; the item was given back). Items whose artifact is already
+        in the store with its checksum are completed on the way."""
+        h, name = self.head, self.worker.name
+        while True:
+            item = db_retry(_claim, h.id, name, self.worker.settings.lease_s, what="claim")
+            if item is None:
+                return None
+            if (item.done_key and item.done_sha
+                    and self.store.verify(item.done_key, item.done_sha)):
+                db_retry(_complete, h.id, item.id, item.attempt, name, item.done_key,
+                         item.done_sha, info=None, what="complete")
+                self.event("item_skipped", {"persona": item.persona,
+                                            "artifact_key": item.done_key})
+                continue
+            if self.steps.needs_engine(item) and not self.engine.load():
+                db_retry(_release, item, name, what="release")
+                return _NO_ENGINE
+            return item
+
+    def _lane(self, fed: threading.Event):
+        """A lane of the shared run when this job spans personas on the vLLM engine."""
+        if not self.spans or self.engine.engine is None:
+            return None
+        # here, not at the top: the vLLM engine's modules load torch, which the job loop
+        # does not need for a job that never reaches this (pipeline stages, a judge worker)
+        from workers.engine.lanes import SharedStream
+
+        eng = self.engine()
+        if not SharedStream.supports(eng):
+            return None
+        if self._shared is None or self._shared.engine is not eng:  # a restart: a new engine
+            self._shared = SharedStream(eng)
+        return self._shared.view(on_fed=fed.set)
+
+    def start(self, item: Claimed, *, after: str | None = None) -> _Running:
+        """Run the item: on a pool thread with a lane of the shared run when spanning, else
+        here (the result waits in a finished future)."""
+        self.worker.busy(self.head.id)
+        fed = threading.Event()
+        view = self._lane(fed) if self.steps.needs_engine(item) else None
+        kw = {"engine": self.engine if view is None else (lambda: view), "store": self.store,
+              "worker": self.worker, "event": self.event,
+              "progress": _progress_writer(item.id, item.attempt),
+              "cancelled": _cancel_checker(self.head.id)}
+        if view is not None:
+            fut = self._pool.submit(self.steps.run, item, **kw)
+            fut.add_done_callback(lambda _: fed.set())
+            return _Running(item, fut, fed, view, after)
+        fut = Future()
+        try:
+            fut.set_result(self.steps.run(item, **kw))
+        except Exception as exc:  # noqa: BLE001 - settled like a thread's error
+            fut.set_exception(exc)
+        fed.set()
+        return _Running(item, fut, fed, None)
+
+    def settle(self, r: _Running) -> tuple[bool, bool]:
+        """Wait for a started item and record its outcome: (stop the loop, clean up the
+        engine). A capture or rollout persona's store step goes to the background
+        (:class:`_Stores`); the item completes when it returns."""
+        h, item, name = self.head, r.item, self.worker.name
+        settings = self.worker.settings
+        try:
+            result, info = r.future.result()
+        except JobCancelled:
+            db_retry(_release, item, name, what="release")
+            return True, False
+        except EngineOOM as exc:
+            _fail(h.id, item.id, item.attempt, name, "oom", exc, requeue=False,
+                  batch_size=exc.batch_size, memory=exc.memory)
+            if self.steps.oom_fails_rest:
+                _fail_rest(h.id, name, item.persona, exc)
+            return self.steps.oom_fails_rest, True
+        except (JudgeRejected, SpecInvalid) as exc:  # no retry fixes these
+            log.warning("job %s %s/%s failed: %s", h.id, item.stage, item.persona, exc)
+            db_retry(_fail, h.id, item.id, item.attempt, name, "error", exc, requeue=False,
+                     what="fail")
+            return False, self.steps.needs_engine(item)
+        except Exception as exc:
+            log.exception("job %s %s/%s failed", h.id, item.stage, item.persona)
+            requeue = item.attempt < settings.max_item_attempts
+            db_retry(_fail, h.id, item.id, item.attempt, name, "error", exc, requeue=requeue,
+                     what="fail")
+            # the judge is down: the item waits queued for a later delivery
+            return isinstance(exc, RetryableError) and requeue, self.steps.needs_engine(item)
+        if r.view is not None:  # when its samples were in the engine: the overlap, on record
+            self.event("item_stream", {"persona": item.persona, "claimed_during": r.after,
+                                       **r.view.timing})
+        if callable(result):  # a store step: vectors, serialisation, upload off the engine
+            self.stores.submit(item.id, item.attempt, item.persona, result, info)
+            return False, False
+        db_retry(_complete, h.id, item.id, item.attempt, name, result.artifact_key,
+                 result.sha256, what="complete",
+                 info={"size": result.size, "extra": result.extra, **info, **result.info})
+        self.ran += 1
+        return False, False
+
+    def quiesce(self) -> None:
+        """With no item running: wait until the shared run is closed (the engine then serves
+        ``generate`` again, and a cleanup may restart it)."""
+        if self._shared is not None and not self._shared.join(timeout=60.0):
+            log.warning("job %s: the shared engine run did not close within 60 s", self.head.id)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.quiesce()
 
 
 class _Stores:

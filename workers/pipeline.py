@@ -12,7 +12,10 @@ metadata). When every sample is in, :func:`compute_item` returns the store step:
 vectors are derived (:mod:`app.vectors`) and the artifact (safetensors + JSON metadata, and a
 small ``.vectors.safetensors`` the job's end reads: :mod:`workers.jobvectors`) is written to
 the store; a ``.pt`` copy only with ``CHATSPACE_WRITE_PT`` (``artifacts export`` writes one on
-demand). The job loop runs that step in a thread while the next persona streams. The default
+demand). The job loop runs that step in a thread while the next persona streams (and on the
+vLLM engine starts the next persona's stream, into the same vLLM run, as soon as this one's
+samples are all in the engine: ``ctx.engine`` is then a lane of
+:class:`workers.engine.lanes.SharedStream`). The default
 persona is one item of its own, captured once per job; vectors against it finish when the job
 ends. The caller marks the item done only after the store step returned the artifact's
 checksum: a crash in between re-does one persona into the same key and never leaves a done

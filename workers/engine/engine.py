@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Self
 
@@ -524,11 +525,19 @@ class SteeringEngine:
         self._check_path(spec, where)
 
     def _results(self, outs, specs, uids, per_rank) -> list[GenResult]:
+        with self._readout(per_rank):
+            return self._results_of(outs, specs, uids, per_rank)
+
+    @contextmanager
+    def _readout(self, per_rank: list[dict]):
+        """One step's hook results (``steering_collect``, per rank) readable inside, released
+        after: every request's results of the step are read inside one block, whoever reads
+        them (:mod:`workers.engine.lanes` splits them between streams)."""
         from workers.engine.extension import fetch_ipc, unlink_shipped
 
         try:
             fetch_ipc(per_rank)  # the in-graph readout's device blocks, copied to the host
-            return self._results_of(outs, specs, uids, per_rank)
+            yield
         finally:  # the means' /dev/shm files (large captures): mapped by now, or never needed
             unlink_shipped(d for res in per_rank for got in res.values() if got
                            for d in (got.get("means") or {}).values())
@@ -766,6 +775,16 @@ class _Run:
         got = self.engine._rpc("steering_collect", [fl.uid for fl, _ in act], ends)
         self.collect_s += time.perf_counter() - t
         return finished, got
+
+    def abort(self, uids) -> None:
+        """Abort some of this run's requests (one stream of a shared run ended early:
+        :mod:`workers.engine.lanes`); the rest go on."""
+        queued = {p[0] for p in self.pending}
+        self.pending = [p for p in self.pending if p[0] not in uids]
+        left = [uid for uid in uids if self.flights.pop(uid, None) is not None
+                and uid not in queued]
+        if left:
+            self.vllm.abort_request(left)
 
     def close(self) -> None:
         """Abort what is still in vLLM (a run left early); the next run resets the rest."""
