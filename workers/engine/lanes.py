@@ -21,7 +21,8 @@ halves and re-streams its own unfinished samples exactly as it would alone. A la
 early by its caller (cancel, an error) has its requests aborted; the other lane goes on.
 
 ``on_fed`` (per :meth:`view`) is called, on the driver thread, the moment a lane's items are
-all in the engine: the job loop claims the next persona then (:mod:`workers.jobloop`).
+all in the engine (items are pulled one ahead, so this is known when the last one goes in):
+the job loop claims the next persona then (:mod:`workers.jobloop`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class _Lane:
     out: queue.Queue = field(default_factory=queue.Queue)
     uids: set[str] = field(default_factory=set)
     seen: dict = field(default_factory=dict)  # steering tuples validated (engine._validate_one)
+    head: object = None  # the next item, pulled ahead (_END: none left)
     live: int = 0  # samples in flight (generating or being re-read)
     n: int = 0
     fed: bool = False
@@ -186,21 +188,33 @@ class SharedStream:
     def _fill(self, lane: _Lane) -> None:
         total = sum(x.live for x in self._lanes)
         try:
-            while not lane.fed and lane.live < lane.cap and total < lane.cap:
-                item = next(lane.items, _END)
+            while lane.live < lane.cap and total < lane.cap:
+                item = self._peek(lane)
                 if item is _END:
-                    lane.fed = True
-                    if lane.on_fed is not None:
-                        lane.on_fed()
                     break
+                lane.head = None
                 self.engine._validate_one(item.spec, f"items[{lane.n}]", lane.seen)
                 self._add(lane, _Flight(item, item.spec), item.prompt, lane.options)
                 lane.n += 1
                 lane.live += 1
                 total += 1
+            self._peek(lane)  # one item ahead: the lane is fed the moment its last is in
             self._run.flush()
         except Exception as exc:  # noqa: BLE001 - handed to the lane it belongs to
             self._lane_failed(lane, exc)
+
+    @staticmethod
+    def _peek(lane: _Lane):
+        """The lane's next item, pulled ahead of room for it (a lane whose samples are a
+        multiple of its cap would otherwise learn it is fed only when room frees, and its
+        successor would start after its tail)."""
+        if lane.head is None:
+            lane.head = next(lane.items, _END)
+            if lane.head is _END and not lane.fed:
+                lane.fed = True
+                if lane.on_fed is not None:
+                    lane.on_fed()
+        return lane.head
 
     def _add(self, lane: _Lane, flight: _Flight, prompt, options, **kw) -> None:
         self._run.add(flight, prompt, options, **kw)
