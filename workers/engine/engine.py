@@ -798,3 +798,8 @@ class _Run:
             except Exception:
                 log.warning("aborting %d requests of an unfinished run failed", len(left),
                             exc_info=True)
+        if self.engine.readout != "rpc":  # the in-graph readout's device blocks, all copied
+            try:
+                self.engine._rpc("steering_release_readout")
+            except Exception:
+                log.warning("releasing the run's readout blocks failed", exc_info=True)

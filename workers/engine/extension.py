@@ -407,6 +407,10 @@ def ship_ipc(parts: list[tuple[torch.Tensor, int]]) -> list[dict]:
     captures of an 8B model, H200, bench/results 2200Z)."""
     from torch.multiprocessing.reductions import reduce_tensor
 
+    # Blocks the engine already copied and released sit in torch's IPC "limbo" (still
+    # allocated) until collected; left alone they pile up step after step until an allocation
+    # fails, and the worker's memory reads above its warm baseline after a job.
+    torch.cuda.ipc_collect()
     sizes = [int(t.numel()) for t, _ in parts]
     flat = torch.empty(sum(sizes), dtype=torch.float32, device=parts[0][0].device)
     out, off = [], 0
@@ -426,6 +430,14 @@ def ship_ipc(parts: list[tuple[torch.Tensor, int]]) -> list[dict]:
     for d in out:
         d["ipc"] = block
     return out
+
+
+def release_exported() -> None:
+    """Free the blocks :func:`ship_ipc` handed out (a run ended: the engine copied them all),
+    and what torch's IPC limbo holds for them, so nothing of a run outlives it on the GPU."""
+    _exported.clear()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()
 
 
 def fetch_ipc(per_rank: list[dict]) -> None:
@@ -559,8 +571,13 @@ class SteeringExtension:
                 state.compiled[key] = CompiledOps.compile(
                     [SteerOp.from_wire(o) for o in ops], device=state.device)
 
+    def steering_release_readout(self) -> None:
+        """A run ended: free the captures' device blocks it handed out (:func:`ship_ipc`)."""
+        release_exported()
+
     def steering_reset(self) -> None:
         """Forget every request (called before each generate: nothing is in flight then)."""
+        release_exported()
         sweep_shipped()
         state: _State = self._chatspace
         state.plan = None

@@ -38,6 +38,7 @@ from workers.engine.extension import (
     SteeringExtension,
     _describe,
     _Req,
+    release_exported,
     ship,
     ship_ipc,
     sweep_shipped,
@@ -608,6 +609,7 @@ class InGraphExtension(SteeringExtension):
         self._chatspace_steps.register(steer)
 
     def steering_reset(self) -> None:
+        release_exported()
         self._chatspace_steps.reset()
 
     def steering_collect(self, uids: list[str],
