@@ -141,6 +141,7 @@ class EngineRuntime:
         self.dtype: str | None = None
         self.state = "idle"  # idle | loading | busy | cleaning
         self.baseline_empty = gpu.memory(self.gpu)
+        self.own_bytes = 0  # this process's own GPU memory after the engine started
         self.baseline_warm = None
         self.per_process = False  # the warm baseline counts this worker's processes only
         self.steady = False  # a cleanup ran since the engine loaded (see the module doc)
@@ -183,6 +184,9 @@ class EngineRuntime:
                 raise
             self.model, self.dtype = model, dtype
             t1 = time.monotonic()
+            # This process's own GPU memory once the engine is up: its CUDA context when the
+            # in-graph readout maps captures here (engine.readout), outside vLLM's share.
+            self.own_bytes = gpu.process_memory(self.gpu, {os.getpid()}) or 0
             self._warm_up()
             gpu.free_process_memory()
             self.per_process = self._own_memory() is not None
@@ -219,11 +223,13 @@ class EngineRuntime:
 
     def _budget(self) -> int | None:
         """The most the engine may hold in its steady state: its share of the card (what
-        vLLM was told it may use), plus, on a device-wide reading, what was there before."""
+        vLLM was told it may use) and this process's own memory read when the engine had
+        started (the CUDA context the in-graph readout needs here), plus, on a device-wide
+        reading, what was there before."""
         device = gpu.memory(self.gpu)
         if device is None:
             return None
-        share = int(memory_fraction(self.settings) * device.total)
+        share = int(memory_fraction(self.settings) * device.total) + self.own_bytes
         if self.per_process:
             return share
         return share + (self.baseline_empty.used if self.baseline_empty else 0)

@@ -133,6 +133,41 @@ def test_first_job_above_the_engines_share_restarts(monkeypatch):
     assert rt.cleanup().get("restarted") and len(loads) == 2
 
 
+def test_the_worker_processs_own_context_counts_beside_the_engines_share(monkeypatch):
+    """The in-graph readout maps captures into the worker process, which then holds a CUDA
+    context outside vLLM's share: read once the engine is up, it is budgeted, so the first
+    job's steady state beside it becomes the baseline instead of a restart."""
+    import os
+
+    card = _Card()
+    me = os.getpid()
+    monkeypatch.setattr(gpu, "memory", card.memory)
+    monkeypatch.setattr(gpu, "process_memory", card.process_memory)
+    monkeypatch.setattr(gpu, "free_process_memory", lambda: None)
+    monkeypatch.setattr(gpu, "wait_for_baseline", _no_wait(gpu.wait_for_baseline))
+    loads = []
+
+    class Engine(_Engine):
+        def warm_up(self, n):
+            card.procs[me] += 30 * GB
+
+    def load(m, d, s):
+        card.procs[me] = 1 * GB  # the worker's context, made by the engine's self-test
+        loads.append(m)
+        return Engine([])
+
+    settings = Settings()
+    settings.engine.gpu_memory_utilization = 0.5  # 40 GB of 80
+    rt = EngineRuntime(worker_name="w", gpu_index="0", settings=settings, loader=load)
+    rt.acquire("tiny:qwen3", "float32")
+    assert rt.own_bytes == 1 * GB
+    card.procs[me] += 10 * GB  # 41 GB: the 40 GB share plus the context
+    figures = rt.cleanup()
+    assert figures["clean"] and figures.get("baseline_raised") and loads == ["tiny:qwen3"]
+    card.procs[me] += 2 * GB  # past share + context: restarted as before
+    assert rt.cleanup().get("restarted") and len(loads) == 2
+
+
 def test_other_processes_on_the_card_do_not_restart_the_engine(monkeypatch):
     """Per-process readings: another engine loading on the same GPU (the benchmark's own)
     is not this worker's leak; with device-wide readings it would be."""
