@@ -35,22 +35,11 @@ def _persona_of(prompt: str) -> str:
 
 @pytest.fixture
 def services(pg_url, redis_url, monkeypatch, tmp_path):
-    from app.db import upgrade
     from app.settings import get_settings
 
-    monkeypatch.setenv("CHATSPACE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("CHATSPACE_DATABASE_URL", pg_url)
-    monkeypatch.setenv("CHATSPACE_BROKER_URL", redis_url)
-    monkeypatch.setenv("CHATSPACE_HEARTBEAT_S", "1")
-    monkeypatch.setenv("CHATSPACE_LEASE_S", "4")
-    monkeypatch.setenv("CHATSPACE_WORKER_STALE_S", "4")
-    monkeypatch.setenv("CHATSPACE_REAPER_INTERVAL_S", "1")
-    monkeypatch.setenv("CHATSPACE_ENGINE_MAX_MODEL_LEN", "512")
-    monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")
-    monkeypatch.setenv("CHATSPACE_JUDGE_API_KEY", "sk-resume-test-key")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    get_settings.cache_clear()
-    upgrade(pg_url)
+    h.fast_fault_env(monkeypatch, pg_url, redis_url, DATA_DIR=str(tmp_path / "data"),
+                     ENGINE_BACKEND="hf", JUDGE_API_KEY="sk-resume-test-key")
     yield tmp_path
     get_settings.cache_clear()
 

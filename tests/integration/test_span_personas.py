@@ -33,19 +33,7 @@ PARAMS = {"max_samples": 12, "max_tokens": 16, "batch_size": None}
 
 @pytest.fixture
 def services(pg_url, redis_url, s3_bucket, monkeypatch, tmp_path):
-    from app.db import upgrade
-    from app.settings import get_settings
-
-    monkeypatch.setenv("CHATSPACE_DATABASE_URL", pg_url)
-    monkeypatch.setenv("CHATSPACE_BROKER_URL", redis_url)
-    monkeypatch.setenv("CHATSPACE_HEARTBEAT_S", "1")  # a dead worker is found fast
-    monkeypatch.setenv("CHATSPACE_LEASE_S", "4")
-    monkeypatch.setenv("CHATSPACE_WORKER_STALE_S", "4")
-    monkeypatch.setenv("CHATSPACE_REAPER_INTERVAL_S", "1")
-    monkeypatch.setenv("CHATSPACE_ENGINE_MAX_MODEL_LEN", "512")
-    monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "vllm")
-    get_settings.cache_clear()
-    upgrade(pg_url)
+    h.fast_fault_env(monkeypatch, pg_url, redis_url, ENGINE_BACKEND="vllm")
     procs = []
     yield procs, tmp_path / "logs"
     for p in procs:

@@ -22,18 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 @pytest.fixture
 def services(pg_url, redis_url, s3_bucket, monkeypatch, tmp_path):
     """Production adapters; short heartbeats and leases so a dead worker is found fast."""
-    from app.db import upgrade
-    from app.settings import get_settings
-
-    monkeypatch.setenv("CHATSPACE_DATABASE_URL", pg_url)
-    monkeypatch.setenv("CHATSPACE_BROKER_URL", redis_url)
-    monkeypatch.setenv("CHATSPACE_HEARTBEAT_S", "1")
-    monkeypatch.setenv("CHATSPACE_LEASE_S", "4")
-    monkeypatch.setenv("CHATSPACE_WORKER_STALE_S", "4")
-    monkeypatch.setenv("CHATSPACE_REAPER_INTERVAL_S", "1")
-    monkeypatch.setenv("CHATSPACE_ENGINE_MAX_MODEL_LEN", "512")
-    get_settings.cache_clear()
-    upgrade(pg_url)
+    h.fast_fault_env(monkeypatch, pg_url, redis_url)
     procs = []
     yield procs, tmp_path / "logs"
     for p in procs:

@@ -14,6 +14,22 @@ MODEL, DTYPE, DATASET = "tiny:qwen3", "float32", "traits_sample"
 PARAMS = {"max_samples": 4, "max_tokens": 6, "batch_size": 4, "temperature": 0.0, "seed": 0}
 
 
+def fast_fault_env(monkeypatch, pg_url: str, redis_url: str, **env: str) -> None:
+    """The production adapters with short heartbeats, leases and reaper intervals (a dead
+    worker is found within seconds), a small context, and ``env`` (``CHATSPACE_`` + key)
+    on top; the database migrated."""
+    from app.db import upgrade
+    from app.settings import get_settings
+
+    base = {"DATABASE_URL": pg_url, "BROKER_URL": redis_url, "HEARTBEAT_S": "1",
+            "LEASE_S": "4", "WORKER_STALE_S": "4", "REAPER_INTERVAL_S": "1",
+            "ENGINE_MAX_MODEL_LEN": "512"}
+    for key, value in {**base, **env}.items():
+        monkeypatch.setenv(f"CHATSPACE_{key}", value)
+    get_settings.cache_clear()
+    upgrade(pg_url)
+
+
 def submit(kind: str = "capture", params: dict | None = None) -> str:
     from app import jobs
     from app.db import session_scope
