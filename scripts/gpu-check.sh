@@ -40,6 +40,14 @@
 #   BENCH_ARGS="--paths ingraph_async,ingraph_async_rpc --modes plain,capture_all_layers,steer_all_layers,\
 #      mixed_8_specs --no-capture-modes --prompts 288 --prompt-len 256 --tokens 128 --reps 3 \
 #      --gpu-memory-utilization 0.3 --compiled-share 0.3" bash scripts/gpu-check.sh bench-8b
+#   Job throughput with personas spanning one run (8B, 3 personas, 479 s):
+#   JOB_SHAPE=qwen3-8b JOB_BENCH_ARGS="--personas 3 --questions 120 --tokens 128 --batch-sizes default \
+#      --reps 1" bash scripts/gpu-check.sh job-throughput
+# Still to run (issues #14/#15; ~28 min of device time, one H200, each after the unpack call):
+#   the job run above again (0 engine restarts expected since the runtime budgets the worker's own
+#   CUDA context), then JOB_SHAPE=qwen3-32b with "--personas 2 --questions 120 --tokens 128
+#   --batch-sizes default --reps 1 --sequential --cold-samples 32"; the 8B bench above (capture
+#   rows with the page-locked copy); INGRAPH_TIMEOUT=480 ingraph (bf16 cases); bench-0.6b alone.
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
 # back); the bench JSON belongs in bench/results/.
