@@ -64,7 +64,11 @@ def pg_url():
     admin.dispose()
 
 
-_redis_db_counter = iter(range(1, 16))
+# Logical databases 1..15, handed out round-robin: a test's database goes back to the end of
+# the line once it is flushed (after the test's workers were stopped: fixtures that start them
+# depend on this one and are torn down first). Handing each out once skipped every Redis test
+# after the 15th in a full run (12 of them at stop 24, worker OOM/cancel/kill tests among them).
+_redis_dbs = list(range(1, 16))
 
 
 @pytest.fixture
@@ -72,14 +76,17 @@ def redis_url():
     """A flushed Redis logical database (1..15) for one test."""
     import redis
 
-    db = next(_redis_db_counter, None)
-    if db is None:
-        pytest.skip("ran out of Redis logical databases")
+    if not _redis_dbs:  # only if 15 tests held one at once
+        pytest.fail("no free Redis logical database: more than 15 tests hold one at once")
+    db = _redis_dbs.pop(0)
     url = f"{REDIS_BASE}/{db}"
     r = redis.Redis.from_url(url)
     r.flushdb()
-    yield url
-    r.flushdb()
+    try:
+        yield url
+    finally:
+        r.flushdb()
+        _redis_dbs.append(db)
 
 
 @pytest.fixture(scope="session")
