@@ -7,6 +7,7 @@ auth, Redis on 127.0.0.1:6379); the S3-compatible server (moto) is started here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -71,12 +72,12 @@ def pg_url():
 _redis_dbs = list(range(1, 16))
 
 
-@pytest.fixture
-def redis_url():
-    """A flushed Redis logical database (1..15) for one test."""
+@contextlib.contextmanager
+def redis_db():
+    """Take a free Redis logical database (1..15), flushed, and give it back flushed."""
     import redis
 
-    if not _redis_dbs:  # only if 15 tests held one at once
+    if not _redis_dbs:  # only if 15 tests or modules held one at once
         pytest.fail("no free Redis logical database: more than 15 tests hold one at once")
     db = _redis_dbs.pop(0)
     url = f"{REDIS_BASE}/{db}"
@@ -87,6 +88,13 @@ def redis_url():
     finally:
         r.flushdb()
         _redis_dbs.append(db)
+
+
+@pytest.fixture
+def redis_url():
+    """A flushed Redis logical database for one test."""
+    with redis_db() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -78,18 +78,14 @@ def pool(tmp_path_factory):
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{db}"'))
     pg_url = f"{conftest.PG_ADMIN_URL.rsplit('/', 1)[0]}/{db}"
-    redis_url = f"{conftest.REDIS_BASE}/{next(conftest._redis_db_counter)}"
-    env = _env(tmp / "data", pg_url, redis_url)
     procs: list[subprocess.Popen] = []
     server = thread = None
-    with pytest.MonkeyPatch.context() as mp:
+    with conftest.redis_db() as redis_url, pytest.MonkeyPatch.context() as mp:
+        env = _env(tmp / "data", pg_url, redis_url)
         for k, v in env.items():
             mp.setenv(k, v)
         get_settings.cache_clear()
         try:
-            import redis
-
-            redis.Redis.from_url(redis_url).flushdb()
             upgrade(pg_url)
             ensure_tiny_model(h.MODEL, get_settings().models_dir)  # built once, both share it
             port = conftest.free_port()

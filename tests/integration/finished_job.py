@@ -70,11 +70,10 @@ def _submit(settings) -> str:
 @pytest.fixture(scope="session")
 def finished_job(s3_endpoint, tmp_path_factory):
     import boto3
-    import redis
 
     from app.db import dispose_all, upgrade
     from app.settings import get_settings
-    from tests.conftest import REDIS_BASE
+    from tests.conftest import redis_db
     from tests.integration import worker_helpers as h
 
     pg_url, drop = _database()
@@ -82,10 +81,8 @@ def finished_job(s3_endpoint, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
                  aws_access_key_id="test", aws_secret_access_key="test").create_bucket(
         Bucket=bucket)
-    redis_url = f"{REDIS_BASE}/15"
-    redis.Redis.from_url(redis_url).flushdb()
     data = tmp_path_factory.mktemp("finished-job")
-    env = {"CHATSPACE_DATABASE_URL": pg_url, "CHATSPACE_BROKER_URL": redis_url,
+    env = {"CHATSPACE_DATABASE_URL": pg_url, "CHATSPACE_BROKER_URL": "",
            "CHATSPACE_S3_ENDPOINT_URL": s3_endpoint, "CHATSPACE_S3_BUCKET": bucket,
            "CHATSPACE_S3_ACCESS_KEY_ID": "test", "CHATSPACE_S3_SECRET_ACCESS_KEY": "test",
            "CHATSPACE_S3_REGION": "us-east-1", "CHATSPACE_DATA_DIR": str(data / "data"),
@@ -93,7 +90,9 @@ def finished_job(s3_endpoint, tmp_path_factory):
            "CHATSPACE_HEARTBEAT_S": "1", "CHATSPACE_API_TOKENS": f'["{TOKEN}"]'}
     logs = data / "logs"
     worker = None
-    with pytest.MonkeyPatch.context() as mp:
+    # a Redis database is held while the worker runs; the results are read without it
+    with redis_db() as redis_url, pytest.MonkeyPatch.context() as mp:
+        env["CHATSPACE_BROKER_URL"] = redis_url
         for k, v in env.items():
             mp.setenv(k, v)
         get_settings.cache_clear()
