@@ -335,8 +335,10 @@ def transition_item(session: Session, *, item_id: int, to: str, allowed_from=Non
     return item
 
 
-def claim_item(session: Session, *, job_id: str, worker: str, lease_s: float) -> JobItem | None:
+def claim_item(session: Session, *, job_id: str, worker: str, lease_s: float,
+               stages: frozenset[str] | None = None) -> JobItem | None:
     """Take the next queued item of the job for ``worker``, or None if there is none.
+    ``stages`` (pipeline jobs) narrows it to items of those stages.
 
     Postgres: ``FOR UPDATE SKIP LOCKED`` lets many workers claim in parallel without ever
     taking the same row. SQLite: the transaction holds the database write lock
@@ -346,9 +348,9 @@ def claim_item(session: Session, *, job_id: str, worker: str, lease_s: float) ->
     if job.state not in JOB_ACTIVE or job.cancel_requested:
         return None
     if job.kind == JobKind.PIPELINE.value:  # items wait for the stages they need
-        from app import stages
+        from app.stages import claim as stage_claim
 
-        return stages.claim(session, job=job, worker=worker, lease_s=lease_s)
+        return stage_claim(session, job=job, worker=worker, lease_s=lease_s, stages=stages)
     q = (select(JobItem.id).where(JobItem.job_id == job.id,
                                   JobItem.state == ItemState.QUEUED.value)
          .order_by(JobItem.position, JobItem.id).limit(1))

@@ -76,8 +76,9 @@ class EngineSettings(BaseSettings):
     max_num_seqs: int | None = None
     tensor_parallel_size: int = 1
     oom_min_batch: int = 1  # OOM retries halve the batch down to this floor
-    # capture / rollout jobs: the next persona's samples enter the engine while the current
-    # one's last samples are still in it (one shared vLLM run, workers/engine/lanes.py)
+    # capture / rollout jobs and a pipeline's generate items: the next persona's samples enter
+    # the engine while the current one's last samples are still in it (one shared vLLM run,
+    # workers/engine/lanes.py)
     span_personas: bool = True
     memory_slack_mb: int = 512  # GPU memory above baseline tolerated after cleanup
     # samples of the warm-up stream run before the warm baseline is read (0 = none;

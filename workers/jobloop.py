@@ -14,7 +14,8 @@ background thread while the next persona is claimed and streamed (:class:`_Store
 item completes when its artifact's checksum is back. On the vLLM engine the personas' streams
 also span each other: the next persona is claimed the moment the current one's samples are all
 in the engine, and its samples join the same vLLM run (:class:`workers.engine.lanes.
-SharedStream`), so the batch never drains at a persona's tail; at most two are in flight.
+SharedStream`), so the batch never drains at a persona's tail; at most two are in flight. A
+pipeline's generate items span the same way (``lane_stages``).
 Errors map to states in the loop: OOM after the last halving → ``failed(oom)``;
 cancel → the item is released and the job ends ``cancelled``; a failed engine load → a
 ``load_failed`` event on the job (:mod:`workers.loadfail`); anything else → the item is
@@ -116,6 +117,9 @@ class Steps(Protocol):
     """What differs between the kinds of job; :func:`_run` is the loop they share."""
 
     oom_fails_rest: bool  # an OOM at the smallest batch fails the personas not yet run
+    # when spanning: the stages whose items join the shared run (None: every item); an item of
+    # another stage that needs the engine runs only once the shared run is closed
+    lane_stages: frozenset[str] | None
 
     def engine_now(self) -> bool:
         """Load the engine before claiming anything (a failed load then touches no item)."""
@@ -124,7 +128,8 @@ class Steps(Protocol):
 
     def spans(self) -> bool:
         """Whether the next item may stream into the engine while this one's last samples are
-        still in it (:func:`_run`): only items whose engine use is one stream."""
+        still in it (:func:`_run`): only items whose engine use is one stream (of the
+        ``lane_stages``)."""
 
     def run(self, item: Claimed, *, engine, store, worker: Worker, event, progress,
             cancelled) -> tuple[object, dict]:
@@ -154,6 +159,7 @@ class ItemSteps:
     OOM at the smallest batch the personas not yet run fail too (:func:`_fail_rest`)."""
 
     oom_fails_rest = True
+    lane_stages = None
 
     def __init__(self, head: JobHead):
         self.head = head
@@ -193,6 +199,9 @@ class PipelineSteps:
     failed by :func:`app.stages.fail_blocked`)."""
 
     oom_fails_rest = False
+    # generate: one stream per persona (workers.pipeline.generate_and_capture); capture calls
+    # the engine's capture in batches, which a shared run would refuse
+    lane_stages = frozenset({"generate"})
 
     def __init__(self, head: JobHead):
         self.head = head
@@ -211,8 +220,9 @@ class PipelineSteps:
         return item.stage in ENGINE_STAGES
 
     def spans(self) -> bool:
-        """Not (yet): the stages' engine use is not one stream per item."""
-        return False
+        """Generate items span each other (claimed in chain order, every persona's generate
+        comes before any capture); the other stages run one at a time."""
+        return True
 
     def run(self, item: Claimed, *, engine, store, worker, event, progress, cancelled):
         h = self.head
@@ -277,11 +287,12 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
     back) and is recorded on the job by :class:`_Engine`; the message is dropped and the
     reconciler wakes a worker for the job again.
 
-    Spanning (``steps.spans``, capture and plain rollout on the vLLM engine): each persona's
-    engine part runs in a thread on a lane of one shared vLLM run
+    Spanning (``steps.spans``, on the vLLM engine: capture, plain rollout, a pipeline's
+    generate items): each persona's engine part runs in a thread on a lane of one shared vLLM
+    run
     (:class:`workers.engine.lanes.SharedStream`); the moment its samples are all in the
-    engine the next persona is claimed and starts streaming into the same run, so vLLM's
-    batch never drains at a persona's tail. At most two personas are in flight; each is
+    engine the next persona (an item of ``steps.lane_stages``) is claimed and starts
+    streaming into the same run, so vLLM's batch never drains at a persona's tail. At most two personas are in flight; each is
     settled (completed, stored, failed, released) on its own, in claim order, exactly as
     without spanning. A cleanup after a failure waits until the other persona's engine part
     is over (it may restart the engine)."""
@@ -316,7 +327,7 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
             if cur.view is not None:
                 cur.fed.wait()  # its samples are all in the engine, or it ended
                 if not cur.future.done():
-                    nxt = loop.claim()
+                    nxt = loop.claim(stages=steps.lane_stages)
                     if isinstance(nxt, Claimed):
                         ahead = loop.start(nxt, after=cur.item.persona)
             stop, clean = loop.settle(cur)
@@ -380,13 +391,15 @@ class _Loop:
         self._shared = None  # workers.engine.lanes.SharedStream, made on first use
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="item")
 
-    def claim(self):
-        """The next item to run: a Claimed, None (nothing claimable) or ``_NO_ENGINE`` (the
-        engine could not be loaded; the item was given back). Items whose artifact is already
-        in the store with its checksum are completed on the way."""
+    def claim(self, stages: frozenset[str] | None = None):
+        """The next item to run (of ``stages``, when given): a Claimed, None (nothing
+        claimable) or ``_NO_ENGINE`` (the engine could not be loaded; the item was given
+        back). Items whose artifact is already in the store with its checksum are completed
+        on the way."""
         h, name = self.head, self.worker.name
         while True:
-            item = db_retry(_claim, h.id, name, self.worker.settings.lease_s, what="claim")
+            item = db_retry(_claim, h.id, name, self.worker.settings.lease_s, stages,
+                            what="claim")
             if item is None:
                 return None
             if (item.done_key and item.done_sha
@@ -421,7 +434,13 @@ class _Loop:
         here (the result waits in a finished future)."""
         self.worker.busy(self.head.id)
         fed = threading.Event()
-        view = self._lane(fed) if self.steps.needs_engine(item) else None
+        view = None
+        if self.steps.needs_engine(item):
+            lanes = self.steps.lane_stages
+            if lanes is None or item.stage in lanes:
+                view = self._lane(fed)
+            else:  # it calls the engine itself: the shared run must be closed first
+                self.quiesce()
         kw = {"engine": self.engine if view is None else (lambda: view), "store": self.store,
               "worker": self.worker, "event": self.event,
               "progress": _progress_writer(item.id, item.attempt),
@@ -468,7 +487,8 @@ class _Loop:
             # the judge is down: the item waits queued for a later delivery
             return isinstance(exc, RetryableError) and requeue, self.steps.needs_engine(item)
         if r.view is not None:  # when its samples were in the engine: the overlap, on record
-            self.event("item_stream", {"persona": item.persona, "claimed_during": r.after,
+            self.event("item_stream", {"persona": item.persona, "stage": item.stage,
+                                       "claimed_during": r.after,
                                        **r.view.timing})
         if callable(result):  # a store step: vectors, serialisation, upload off the engine
             self.stores.submit(item.id, item.attempt, item.persona, result, info)
@@ -536,9 +556,9 @@ class _Stores:
         self.ran += 1
 
 
-def _claim(job_id, worker, lease_s) -> Claimed | None:
+def _claim(job_id, worker, lease_s, stages=None) -> Claimed | None:
     with session_scope() as s:
-        item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=lease_s)
+        item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=lease_s, stages=stages)
         if item is None:
             return None
         return Claimed(id=item.id, attempt=item.attempt, persona=item.persona, stage=item.stage,

@@ -228,3 +228,44 @@ def test_steered_rollout_spanning_personas_equals_a_drained_one(services, monkey
     procs.append(h.start_worker("span-roll-off", logs))
     _, drained = responses(h.submit("rollout", params))
     assert spanned == drained
+
+
+def test_a_pipelines_generate_items_span_and_its_capture_runs_after_them(services,
+                                                                         monkeypatch):
+    """A pipeline job (generate -> capture): each generate item is claimed while the one
+    before is in the engine and joins its run (only generate items: the ahead claim is
+    narrowed to them), the capture items then run on the engine alone once the shared run is
+    closed, and the stored responses equal those of a worker that does not span."""
+    import json
+
+    from app.settings import get_settings
+    from app.storage import get_store
+
+    procs, logs = services
+    params = dict(PARAMS)
+
+    def run(name):
+        procs.append(h.start_worker(name, logs))
+        job_id = h.submit_pipeline(stages=["generate", "capture"], **params)
+        row = h.wait_for(job_id, log_dir=logs, worker=procs[-1], timeout=300)
+        assert row["state"] == "succeeded", row
+        h.stop(procs.pop())
+        store = get_store(get_settings())
+        got = {i["persona"]: [json.loads(line)["conversation"][-1]["content"]
+                              for line in store.get_bytes(i["key"]).decode().splitlines()]
+               for i in row["items"] if i["stage"] == "generate"}
+        assert all(got.values()) and len(got) > 2, got
+        return row, got
+
+    row, spanned = run("span-pipe")
+    streams = [e["data"] for e in row["events"] if e["kind"] == "item_stream"]
+    assert {s["stage"] for s in streams} == {"generate"}, streams
+    generate_only = {**row, "items": [i for i in row["items"] if i["stage"] == "generate"]}
+    assert _overlaps(generate_only, strict=False), row["events"]
+    assert {i["state"] for i in row["items"] if i["stage"] == "capture"} == {"succeeded"}
+    assert {i["attempt"] for i in row["items"]} == {1}, row["items"]  # no item ran twice
+
+    monkeypatch.setenv("CHATSPACE_ENGINE_SPAN_PERSONAS", "0")
+    row_off, drained = run("span-pipe-off")
+    assert not [e for e in row_off["events"] if e["kind"] == "item_stream"]
+    assert spanned == drained

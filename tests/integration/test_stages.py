@@ -28,9 +28,9 @@ def _job(factory, stage_list=FULL, personas=PERSONAS, skip=None):
         return job.id, items
 
 
-def _claim(factory, job_id, worker="w1"):
+def _claim(factory, job_id, worker="w1", stages=None):
     with session_scope(factory) as s:
-        item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=60)
+        item = jobs.claim_item(s, job_id=job_id, worker=worker, lease_s=60, stages=stages)
         return None if item is None else (item.id, item.attempt, item.stage, item.persona)
 
 
@@ -87,6 +87,19 @@ def test_waiting_items_are_not_claimable(factory):
     b = _claim(factory, job_id, "w4")
     assert {(a[2], a[3]), (b[2], b[3])} == {("capture", g1[3]), ("judge", g1[3])}
     assert _claim(factory, job_id, "w5") is None  # minilm needs every generate
+
+
+def test_a_claim_narrowed_to_stages_takes_only_theirs(factory):
+    """The job loop's claim while a generate item streams (spanning): only the next generate
+    item, never a capture or judge item that is ready; with none left, nothing."""
+    job_id, _ = _job(factory, personas=["curious", "optimistic"])
+    g1 = _claim(factory, job_id)
+    _done(factory, job_id, g1)  # capture and judge of g1's persona are ready now
+    gen = frozenset({"generate"})
+    g2 = _claim(factory, job_id, stages=gen)
+    assert (g2[2], g2[3]) == ("generate", "optimistic")
+    assert _claim(factory, job_id, stages=gen) is None
+    assert _claim(factory, job_id)[2] == "capture"  # unnarrowed: the chain's next
 
 
 def test_resume_never_repeats_a_finished_item(factory):

@@ -95,7 +95,7 @@ def job_row(job_id: str) -> dict:
                            .order_by(JobEvent.id)).scalars().all()
         return {"state": job.state, "failure_kind": job.failure_kind, "error": job.error,
                 "manifest_key": job.manifest_key, "items_done": job.items_done,
-                "items": [{"id": i.id, "persona": i.persona, "state": i.state,
+                "items": [{"id": i.id, "persona": i.persona, "stage": i.stage, "state": i.state,
                            "attempt": i.attempt, "key": i.artifact_key,
                            "sha256": i.artifact_sha256, "samples_done": i.samples_done,
                            "samples_total": i.samples_total, "batch_size": i.batch_size,
