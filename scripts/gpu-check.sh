@@ -43,11 +43,15 @@
 #   Job throughput with personas spanning one run (8B, 3 personas, 479 s):
 #   JOB_SHAPE=qwen3-8b JOB_BENCH_ARGS="--personas 3 --questions 120 --tokens 128 --batch-sizes default \
 #      --reps 1" bash scripts/gpu-check.sh job-throughput
-# Still to run (issues #14/#15; ~28 min of device time, one H200, each after the unpack call):
-#   the job run above again (0 engine restarts expected since the runtime budgets the worker's own
-#   CUDA context), then JOB_SHAPE=qwen3-32b with "--personas 2 --questions 120 --tokens 128
-#   --batch-sizes default --reps 1 --sequential --cold-samples 32"; the 8B bench above (capture
-#   rows with the page-locked copy); INGRAPH_TIMEOUT=480 ingraph (bf16 cases); bench-0.6b alone.
+# Still to run (issues #14/#15; ~28 min of device time, one H200, each after the unpack call;
+# stop 24's retry had 44 s of device time left and ran none), in this order:
+#   1. the job run above again (0 engine restarts expected since the runtime budgets the worker's
+#      own CUDA context);
+#   2. the 8B bench above (capture rows with the page-locked copy, fetched per step in generate);
+#   3. JOB_SHAPE=qwen3-32b with "--personas 2 --questions 120 --tokens 128 --batch-sizes default
+#      --reps 1 --sequential --cold-samples 32";
+#   4. INGRAPH_TIMEOUT=480 ingraph (bf16 cases); 5. bench-0.6b alone.
+#   On nvidia-h200-x2 when lent: multi (TP=2 against TP=1 on the eager hooks and in-graph).
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
 # back); the bench JSON belongs in bench/results/.

@@ -28,12 +28,16 @@ def _two_gpus():
         pytest.skip("needs two GPUs (device kind nvidia-h100-x2)")
 
 
-def test_tensor_parallel_matches_single_gpu(gpu_models_dir):
+@pytest.mark.parametrize("path", ["eager", "ingraph"])
+def test_tensor_parallel_matches_single_gpu(path, gpu_models_dir):
+    """The in-graph case runs compiled with CUDA graphs and the IPC readout of rank 0's
+    block (the settings' ``auto`` keeps TP > 1 on the eager hooks until this passed)."""
     from workers.engine.tiny import ensure_tiny_model
 
     worst = assert_tp2_matches_tp1(ensure_tiny_model("tiny:qwen3", Path(gpu_models_dir)),
-                                   gpu_memory_utilization=0.3)
-    record("tensor_parallel", model="tiny:qwen3", worst_capture_rel_err=worst, tol=1e-3)
+                                   gpu_memory_utilization=0.3, steering_path=path)
+    record("tensor_parallel", model="tiny:qwen3", path=path, worst_capture_rel_err=worst,
+           tol=1e-3)
 
 
 def test_two_pinned_workers_drain_one_queue(tmp_path, monkeypatch):

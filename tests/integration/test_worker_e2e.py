@@ -149,9 +149,12 @@ def test_cancel_stops_between_batches(services, monkeypatch):
 
     procs, logs = services
     monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")
-    job_id = h.submit("capture", {"batch_size": 1, "max_samples": 4, "max_tokens": 48})
+    # 40 samples one at a time: the first persona runs for seconds after its first sample is
+    # in (with 4 it could finish before the cancel was seen: the job then ended with the next
+    # personas never started and nothing stopped mid-way)
+    job_id = h.submit("capture", {"batch_size": 1, "max_samples": 40, "max_tokens": 48})
     procs.append(h.start_worker("e2e-cancel", logs))
-    h.wait_for(job_id, until=lambda r: r["items"][0]["samples_total"] is not None,
+    h.wait_for(job_id, until=lambda r: (r["items"][0]["samples_done"] or 0) >= 1,
                log_dir=logs, worker=procs[-1], interval=0.05)  # first persona under way
     with session_scope() as s:
         jobs.request_cancel(s, job_id=job_id)
