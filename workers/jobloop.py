@@ -289,12 +289,11 @@ def _run(head: JobHead, *, worker: Worker, steps: Steps) -> dict:
 
     Spanning (``steps.spans``, on the vLLM engine: capture, plain rollout, a pipeline's
     generate items): each persona's engine part runs in a thread on a lane of one shared vLLM
-    run
-    (:class:`workers.engine.lanes.SharedStream`); the moment its samples are all in the
+    run (:class:`workers.engine.lanes.SharedStream`); the moment its samples are all in the
     engine the next persona (an item of ``steps.lane_stages``) is claimed and starts
-    streaming into the same run, so vLLM's batch never drains at a persona's tail. At most two personas are in flight; each is
-    settled (completed, stored, failed, released) on its own, in claim order, exactly as
-    without spanning. A cleanup after a failure waits until the other persona's engine part
+    streaming into the same run, so vLLM's batch never drains at a persona's tail. At most
+    two personas are in flight; each is settled (completed, stored, failed, released) on its
+    own, in claim order, exactly as without spanning. A cleanup after a failure waits until the other persona's engine part
     is over (it may restart the engine)."""
     job_id, settings, runtime = head.id, worker.settings, worker.runtime
 

@@ -82,17 +82,16 @@ def finished_job(s3_endpoint, tmp_path_factory):
                  aws_access_key_id="test", aws_secret_access_key="test").create_bucket(
         Bucket=bucket)
     data = tmp_path_factory.mktemp("finished-job")
-    env = {"CHATSPACE_DATABASE_URL": pg_url, "CHATSPACE_BROKER_URL": "",
-           "CHATSPACE_S3_ENDPOINT_URL": s3_endpoint, "CHATSPACE_S3_BUCKET": bucket,
-           "CHATSPACE_S3_ACCESS_KEY_ID": "test", "CHATSPACE_S3_SECRET_ACCESS_KEY": "test",
-           "CHATSPACE_S3_REGION": "us-east-1", "CHATSPACE_DATA_DIR": str(data / "data"),
-           "CHATSPACE_ENGINE_BACKEND": "hf", "CHATSPACE_ENGINE_MAX_MODEL_LEN": "512",
-           "CHATSPACE_HEARTBEAT_S": "1", "CHATSPACE_API_TOKENS": f'["{TOKEN}"]'}
     logs = data / "logs"
     worker = None
     # a Redis database is held while the worker runs; the results are read without it
     with redis_db() as redis_url, pytest.MonkeyPatch.context() as mp:
-        env["CHATSPACE_BROKER_URL"] = redis_url
+        env = {"CHATSPACE_DATABASE_URL": pg_url, "CHATSPACE_BROKER_URL": redis_url,
+               "CHATSPACE_S3_ENDPOINT_URL": s3_endpoint, "CHATSPACE_S3_BUCKET": bucket,
+               "CHATSPACE_S3_ACCESS_KEY_ID": "test", "CHATSPACE_S3_SECRET_ACCESS_KEY": "test",
+               "CHATSPACE_S3_REGION": "us-east-1", "CHATSPACE_DATA_DIR": str(data / "data"),
+               "CHATSPACE_ENGINE_BACKEND": "hf", "CHATSPACE_ENGINE_MAX_MODEL_LEN": "512",
+               "CHATSPACE_HEARTBEAT_S": "1", "CHATSPACE_API_TOKENS": f'["{TOKEN}"]'}
         for k, v in env.items():
             mp.setenv(k, v)
         get_settings.cache_clear()
