@@ -52,12 +52,16 @@ def _run_job(procs, logs, name: str, params=None) -> tuple[dict, dict]:
     return row, arts
 
 
+def _streams(row) -> dict[str, dict]:
+    """Each persona's ``item_stream`` event: when it was claimed, entered and came out."""
+    return {e["data"]["persona"]: e["data"] for e in row["events"] if e["kind"] == "item_stream"}
+
+
 def _overlaps(row, *, strict: bool = True) -> list[tuple[str, str]]:
     """(earlier, later) personas whose streams were in the engine together, from the events;
     ``strict``: every persona claimed during another's stream entered before that one's last
     sample came out."""
-    streams = {e["data"]["persona"]: e["data"] for e in row["events"]
-               if e["kind"] == "item_stream"}
+    streams = _streams(row)
     assert set(streams) == {i["persona"] for i in row["items"]}, streams
     pairs = []
     for persona, s in streams.items():
@@ -116,8 +120,7 @@ def test_injected_oom_with_overlap_halves_that_persona_and_succeeds(services, mo
     # tiny CPU model: a halved persona (cap 6) enters as the one before leaves, and whether
     # the persona after it enters before its last sample is out depends on the claim's
     # latency (CI saw only (curious, optimistic) once), so one pair proves the overlap
-    streams = {e["data"]["persona"]: e["data"] for e in row["events"]
-               if e["kind"] == "item_stream"}
+    streams = _streams(row)
     assert any(streams[p]["claimed_during"] for p in ("curious", "optimistic")), streams
     assert _overlaps(row, strict=False), row["events"]
     for art in arts.values():
