@@ -99,7 +99,7 @@ for phase in "$@"; do
       gpu_tests cleanup 240 tests/gpu/test_gpu_cleanup.py ;;  # own process: reads NVML
     ingraph)  # the in-graph op: kernel vs reference, engine vs eager hooks and transformers
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
-      gpu_tests ingraph "${INGRAPH_TIMEOUT:-480}" tests/gpu/test_gpu_ingraph.py ;;
+      gpu_tests ingraph "${INGRAPH_TIMEOUT:-480}" tests/gpu/test_gpu_ingraph.py ${INGRAPH_K:+-k "$INGRAPH_K"} ;;
     parity)
       export CUDA_VISIBLE_DEVICES=$idx CHATSPACE_TEST_GPU_MODELS=$models
       gpu_tests parity 420 tests/gpu/test_gpu_parity.py ${PARITY_K:+-k "$PARITY_K"} ;;
