@@ -166,6 +166,7 @@ def _run_job(client, args, model: str, dataset: str, batch_size: str, sampler,
     t_end = time.time()
     if job["state"] != "succeeded":
         raise SystemExit(f"job {job['id']} {job['state']}: {job.get('last_error')}")
+    engine_events = _after_cleanup(job["id"], worker)
     with session_scope() as s:
         row = s.get(Job, job["id"])
         created = row.created_at.replace(tzinfo=UTC).timestamp()
@@ -185,7 +186,48 @@ def _run_job(client, args, model: str, dataset: str, batch_size: str, sampler,
             "submit_to_first_start_s": first - created,
             "submit_to_first_persona_s": min(i[3] for i in items) - created,
             "submit_wall_s": t_end - t_submit, "gpu_util": sampler.mean(first, last),
-            "bytes_stored": stored, "bytes_per_sample": stored / n}
+            "bytes_stored": stored, "bytes_per_sample": stored / n,
+            "engine_events": engine_events}
+
+
+ENGINE_EVENTS = ("engine_loaded", "memory_baseline", "engine_restart", "cleanup")
+
+
+def _after_cleanup(job_id: str, worker, timeout_s: float = 600.0) -> list[dict]:
+    """Wait for the worker's GPU cleanup after a job; the job's engine events.
+
+    A job is marked succeeded before its worker frees the job's memory and checks it against
+    the warm baseline (``EngineRuntime.cleanup``; the ``cleanup`` event comes after it, a
+    restart included). Where NVML reads the whole device (a container's PID namespace hides
+    the worker's processes), the bench loading its own engine in that window reads as memory
+    the worker's engine kept, and restarts it: the 2026-12-01 and 2026-12-06 H200 runs each
+    logged one restart after the cold job. Without GPU readings no ``cleanup`` event is
+    recorded and there is nothing to wait for."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.models import JobEvent
+    from workers import gpu
+
+    def events() -> list[dict]:
+        with session_scope() as s:
+            rows = s.execute(select(JobEvent).where(JobEvent.job_id == job_id,
+                                                    JobEvent.kind.in_(ENGINE_EVENTS))
+                             .order_by(JobEvent.id)).scalars()
+            return [{"kind": e.kind, "data": e.data} for e in rows]
+
+    gpus = gpu.visible_gpus()
+    if not gpus or gpu.memory(gpus[0]) is None:
+        return events()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        found = events()
+        if any(e["kind"] == "cleanup" for e in found):
+            return found
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited ({worker.returncode}); see its log")
+        time.sleep(0.25)
+    raise SystemExit(f"job {job_id}: no cleanup event within {timeout_s:.0f}s of its end")
 
 
 def _engine_alone(eng, samples, args, layers) -> dict:
@@ -348,7 +390,7 @@ def main(argv=None) -> dict:
     runs["engine_alone_stream"] = []
     eng = None
     try:
-        # The cold job: the worker loads its engine while the bench loads its own.
+        # The cold job: the worker loads its engine (the bench loads its own after it).
         cold = _run_job(client, args, model, dataset, sizes[-1], sampler, worker,
                         max_samples=args.cold_samples)
         print(f"cold job: submit -> first persona start {cold['submit_to_first_start_s']:.1f}s,"
@@ -447,6 +489,16 @@ def _engine_starts(log_path: Path) -> dict:
     text = log_path.read_text(errors="replace")
     starts = [{"load_s": float(a), "warm_up_s": float(b)} for a, b in re.findall(
         r"engine started: .* loaded in ([\d.]+)s, warm-up ([\d.]+)s", text)]
+    # vLLM's KV cache per engine start: an engine that loaded while another process's memory
+    # grew on the same GPU profiles less room and holds fewer requests at once
+    kv = [{"kv_cache_gib": float(a)} for a in
+          re.findall(r"Available KV cache memory: ([\d.]+) GiB", text)]
+    kv_tokens = [int(a.replace(",", "")) for a in
+                 re.findall(r"KV cache size: ([\d,]+) tokens", text)]
+    for i, start in enumerate(starts):
+        start.update(kv[i] if i < len(kv) else {})
+        if i < len(kv_tokens):
+            start["kv_cache_tokens"] = kv_tokens[i]
     return {"starts": starts, "restarts": text.count("restarting engine")}
 
 
@@ -472,6 +524,17 @@ def _print(result: dict) -> None:
     eng = result.get("worker_engine") or {}
     print(f"worker engine: {len(eng.get('starts', []))} start(s) "
           f"{eng.get('starts')}, {eng.get('restarts')} restart(s) over the run")
+    jobs = [result["cold"]] + [r for k, v in result["raw"].items() if k.startswith("service")
+                               for r in v]
+    for job in jobs:
+        for e in job.get("engine_events", ()):
+            if e["kind"] in ("engine_restart", "memory_baseline"):
+                d = e["data"]
+                mem, base = d.get("memory") or {}, d.get("baseline") or {}
+                print(f"  job {job['job_id'][:8]}: {e['kind']} ({d.get('reason', '')}) memory "
+                      f"{mem.get('used', 0) / 2**30:.2f} GB, baseline "
+                      f"{base.get('used', 0) / 2**30:.2f} GB, budget "
+                      f"{(d.get('budget') or 0) / 2**30:.2f} GB")
 
 
 if __name__ == "__main__":

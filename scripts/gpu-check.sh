@@ -43,14 +43,24 @@
 #   Job throughput with personas spanning one run (8B, 3 personas, 479 s):
 #   JOB_SHAPE=qwen3-8b JOB_BENCH_ARGS="--personas 3 --questions 120 --tokens 128 --batch-sizes default \
 #      --reps 1" bash scripts/gpu-check.sh job-throughput
-# Still to run (issues #14/#15; ~28 min of device time, one H200, each after the unpack call;
-# stop 24's retry had 44 s of device time left and ran none), in this order:
-#   1. the job run above again (0 engine restarts expected since the runtime budgets the worker's
-#      own CUDA context);
-#   2. the 8B bench above (capture rows with the page-locked copy, fetched per step in generate);
-#   3. JOB_SHAPE=qwen3-32b with "--personas 2 --questions 120 --tokens 128 --batch-sizes default
-#      --reps 1 --sequential --cold-samples 32";
-#   4. INGRAPH_TIMEOUT=480 ingraph (bf16 cases); 5. bench-0.6b alone.
+# Stop 25 (one H200, 1,698 s of device time of 1,800, 271 s of it two failed starts; each after the unpack):
+#   BENCH_TIMEOUT=360 BENCH_ARGS="--paths ingraph_async --modes plain,capture_all_layers,steer_all_layers,\
+#      mixed_8_specs --no-capture-modes --prompts 288 --prompt-len 256 --tokens 128 --reps 3 \
+#      --gpu-memory-utilization 0.45 --compiled-share 0.45" bash scripts/gpu-check.sh bench-8b      (360 s)
+#   JOB_SHAPE=qwen3-8b JOB_BENCH_ARGS="--personas 3 --questions 120 --tokens 128 --batch-sizes default \
+#      --reps 1" bash scripts/gpu-check.sh job-throughput                                           (459 s)
+#   INGRAPH_K=bfloat16 INGRAPH_TIMEOUT=400 bash scripts/gpu-check.sh ingraph                         (215 s)
+#   the bench-8b above again with --modes plain,capture_all_layers,steer_all_layers --reps 4       (331 s)
+# Still to run (issues #14/#15, one H200, each after the unpack call), in this order:
+#   1. the job run above with --reps 2 (spreads; 0 engine restarts expected now that the bench waits
+#      for the worker's cleanup before loading its own engine; each start's KV cache is in the JSON);
+#   2. steering at all layers (0.86-0.93x over five runs): BENCH_ARGS as above with
+#      --modes plain,steer_1_layer,steer_all_layers (per layer or per request?), then a profile;
+#   3. BENCH_TIMEOUT=300 BENCH_ARGS="--paths ingraph_async --modes plain,capture_all_layers,\
+#      steer_all_layers,mixed_8_specs --no-capture-modes --prompts 768 --prompt-len 256 --tokens 128 \
+#      --reps 3" bash scripts/gpu-check.sh bench-0.6b;
+#   4. JOB_SHAPE=qwen3-32b with "--personas 2 --questions 120 --tokens 128 --batch-sizes default
+#      --reps 1 --sequential --cold-samples 32".
 #   On nvidia-h200-x2 when lent: multi (TP=2 against TP=1 on the eager hooks and in-graph).
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
