@@ -159,8 +159,7 @@ def _run_job(client, args, model: str, dataset: str, batch_size: str, sampler,
     job = client.submit({"kind": "capture", "dataset": dataset, "model": model,
                          "dtype": args.dtype, "params": params})
     while job["state"] not in ("succeeded", "failed", "cancelled"):
-        if worker.poll() is not None:
-            raise SystemExit(f"the worker exited ({worker.returncode}); see its log")
+        _check_worker(worker)
         time.sleep(0.25)
         job = client.job(job["id"])
     t_end = time.time()
@@ -224,10 +223,15 @@ def _after_cleanup(job_id: str, worker, timeout_s: float = 600.0) -> list[dict]:
         found = events()
         if any(e["kind"] == "cleanup" for e in found):
             return found
-        if worker.poll() is not None:
-            raise SystemExit(f"the worker exited ({worker.returncode}); see its log")
+        _check_worker(worker)
         time.sleep(0.25)
     raise SystemExit(f"job {job_id}: no cleanup event within {timeout_s:.0f}s of its end")
+
+
+def _check_worker(worker) -> None:
+    """Stop the bench if the worker it waits on has exited."""
+    if worker.poll() is not None:
+        raise SystemExit(f"the worker exited ({worker.returncode}); see its log")
 
 
 def _engine_alone(eng, samples, args, layers) -> dict:
@@ -491,14 +495,10 @@ def _engine_starts(log_path: Path) -> dict:
         r"engine started: .* loaded in ([\d.]+)s, warm-up ([\d.]+)s", text)]
     # vLLM's KV cache per engine start: an engine that loaded while another process's memory
     # grew on the same GPU profiles less room and holds fewer requests at once
-    kv = [{"kv_cache_gib": float(a)} for a in
-          re.findall(r"Available KV cache memory: ([\d.]+) GiB", text)]
-    kv_tokens = [int(a.replace(",", "")) for a in
-                 re.findall(r"KV cache size: ([\d,]+) tokens", text)]
-    for i, start in enumerate(starts):
-        start.update(kv[i] if i < len(kv) else {})
-        if i < len(kv_tokens):
-            start["kv_cache_tokens"] = kv_tokens[i]
+    for start, gib in zip(starts, re.findall(r"Available KV cache memory: ([\d.]+) GiB", text)):
+        start["kv_cache_gib"] = float(gib)
+    for start, tokens in zip(starts, re.findall(r"KV cache size: ([\d,]+) tokens", text)):
+        start["kv_cache_tokens"] = int(tokens.replace(",", ""))
     return {"starts": starts, "restarts": text.count("restarting engine")}
 
 
