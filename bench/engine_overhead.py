@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.gpu_sampler import GpuSampler
 from bench.shapes import SHAPES as _SHAPES
 
 # Real models' shapes, for --shape (random weights; nothing is downloaded).
@@ -75,6 +76,10 @@ def _modes(eng, n: int):
     capture_all = RequestSpec(capture=CaptureSpec())
     steer_1 = RequestSpec(steer=(SteerOp("add", mid, vec[0], scale=1.0),))
     steer_all = RequestSpec(steer=tuple(SteerOp("add", i, vec[i % 8]) for i in range(L)))
+    # The same ops with scale 0: the op does all of steer_all's work (loads, the add, the
+    # store) but the hidden states, hence the tokens and the card's power draw, stay as plain.
+    steer_zero = RequestSpec(steer=tuple(SteerOp("add", i, vec[i % 8], scale=0.0)
+                                         for i in range(L)))
     eight = [
         None,
         capture_all,
@@ -91,6 +96,7 @@ def _modes(eng, n: int):
         "capture_all_layers": [capture_all] * n,
         "steer_1_layer": [steer_1] * n,
         "steer_all_layers": [steer_all] * n,
+        "steer_all_zero": [steer_zero] * n,
         "mixed_8_specs": [eight[i % 8] for i in range(n)],
     }
 
@@ -126,7 +132,8 @@ def main(argv=None) -> dict:
                    "engine's runner settings: V1 runner, async scheduling off; no op), which "
                    "separates the cost of those settings from the cost of the op")
     p.add_argument("--modes", default="plain,capture_all_layers,steer_1_layer,steer_all_layers,"
-                   "mixed_8_specs", help="steering modes to measure, comma-separated")
+                   "mixed_8_specs", help="steering modes to measure, comma-separated (also: steer_all_zero, steering at "
+                   "all layers with scale 0: the op's full work, plain's hidden states)")
     p.add_argument("--capture-modes", action=argparse.BooleanOptionalAction, default=True,
                    help="also time capture batched vs one at a time (exact re-read)")
     p.add_argument("--paths", default="eager,ingraph",
@@ -205,6 +212,7 @@ def main(argv=None) -> dict:
                                      readout="rpc" if "rpc" in flags else "auto", **common)
         start_s[f"steering_engine_{sp}"] = time.perf_counter() - t
     eng = engines[paths[0]]
+    sampler = GpuSampler()  # utilisation, SM clock and power per run (off-GPU: none)
     try:
         vocab = min(args.vocab, len(eng.tokenizer))
         rng = np.random.default_rng(0)
@@ -255,6 +263,7 @@ def main(argv=None) -> dict:
             run_capture(True)
             run_capture(False)
         rates: dict[str, list[float]] = {m: [] for m in runs}
+        gpu: dict[str, list[dict]] = {m: [] for m in runs}  # NVML means per run (GPU only)
         phases: dict[str, list[dict]] = {m: [] for m in owner}
         if args.capture_modes:
             rates["capture_batched"], rates["capture_one_at_a_time"] = [], []
@@ -262,9 +271,11 @@ def main(argv=None) -> dict:
             for name, fn in runs.items():
                 e = owner.get(name)
                 before = _worker_stats(e) if e is not None else {}
-                t = time.perf_counter()
+                t, wall = time.perf_counter(), time.time()
                 fn()
                 rates[name].append(total / (time.perf_counter() - t))
+                if sampler.handle is not None:
+                    gpu[name].append(sampler.summary(wall, time.time()))
                 if e is not None:  # where the host time of this run went
                     after = _worker_stats(e)
                     phases[name].append({**e.last_timing, **{
@@ -276,8 +287,8 @@ def main(argv=None) -> dict:
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
                 f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
             if args.json:  # a run cut short by a time limit still leaves its repetitions
-                args.json.write_text(json.dumps({"partial": True, "start_s": start_s,
-                                                 "raw": rates, "phases": phases}, indent=2))
+                args.json.write_text(json.dumps({"partial": True, "start_s": start_s, "raw": rates,
+                                                 "phases": phases, "gpu": gpu}, indent=2))
         info = {"model": args.model, "shape": args.shape, "path": path, "paths": paths,
                 "max_num_seqs": common.get("max_num_seqs"),
                 "load_format": load_format, "dtype": args.dtype, "layers": eng.num_layers,
@@ -286,6 +297,7 @@ def main(argv=None) -> dict:
                 "start_s": start_s, "capture_host_bytes_per_sample": host_bytes,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     finally:
+        sampler.stop()
         for e in engines.values():
             e.shutdown()
         for llm in baselines.values():
@@ -297,7 +309,9 @@ def main(argv=None) -> dict:
     except Exception:  # noqa: BLE001 - version is informational
         info["vllm"] = None
     result = {"info": info, "rows": _rows(rates, info), "raw": rates,
-              "phases": {k: _median_phases(v) for k, v in phases.items() if v}}
+              "phases": {k: _median_phases(v) for k, v in phases.items() if v},
+              "gpu": {k: _median_phases([{f: x for f, x in r.items() if x is not None}
+                                         for r in v]) for k, v in gpu.items() if v}}
     _print(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -365,6 +379,8 @@ def _print(result: dict) -> None:
               f"{_ratio(r, 'ratio_vs_plain_eager'):>8}{_ratio(r, 'ratio_vs_plain_compiled'):>10}"
               f"{_ratio(r, 'ratio_vs_plain_compiled_v1_sync'):>9}"
               + (f"  (batched / one at a time: {last})" if last else ""))
+    for name, g in result.get("gpu", {}).items():  # a ratio that moves with the clock
+        print(f"  {name} GPU: " + ", ".join(f"{k} {v:.0f}" for k, v in g.items()))
     for name, ph in result.get("phases", {}).items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in ph.items()))
     print(f"capture of all layers returns {info['capture_host_bytes_per_sample']:.0f} bytes per "

@@ -36,12 +36,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.gpu_sampler import GpuSampler
 
 PUBLISHED_PERSONA = 2400  # samples per traits persona: 5 pos + 5 neg prompts x 240 questions
 WORDS = ["consider", "the", "question", "carefully", "and", "answer", "as", "a", "person", "who", "cares", "about", "honesty", "curiosity", "kindness", "detail", "evidence", "humour", "patience", "warmth", "clarity", "and", "the", "reader", "history", "science", "music", "travel", "cooking", "weather", "money", "work", "family", "friends"]
@@ -67,46 +68,6 @@ def write_dataset(root: Path, *, personas: int, prompts: int, questions: int,
     with open(root / name / "questions.jsonl", "w") as f:
         f.writelines(json.dumps({"question": f"Question {q}: " + text(q, words), "id": q}) + "\n" for q in range(questions))
     return name
-
-
-class GpuSampler:
-    """GPU utilisation through NVML every ``period`` s, with timestamps; None off-GPU."""
-
-    def __init__(self, index: int = 0, period: float = 0.2):
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self.handle = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit()
-                                                            else index)
-            self.name = pynvml.nvmlDeviceGetName(self.handle)
-            self.name = self.name.decode() if isinstance(self.name, bytes) else self.name
-        except Exception:  # noqa: BLE001 - no NVML, no GPU: utilisation is n/a
-            self.handle, self.name = None, "cpu"
-        self.period = period
-        if self.handle is not None:
-            threading.Thread(target=self._run, daemon=True, name="nvml").start()
-
-    def _run(self) -> None:
-        import pynvml
-
-        while not self._stop.wait(self.period):
-            try:
-                u = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
-            except Exception:  # noqa: BLE001, S112 - a missed reading is no reading
-                continue
-            self.samples.append((time.time(), float(u)))
-
-    def mean(self, t0: float, t1: float) -> float | None:
-        vals = [u for t, u in self.samples if t0 <= t <= t1]
-        return statistics.mean(vals) if vals else None
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def _model(args, tmp: Path) -> tuple[str, str]:

@@ -5,6 +5,7 @@
 #
 # phases: diag (per-layer fp32 parity report, TF32 on vs off) | cleanup | ingraph | parity (the gpu tests
 # on one GPU) | multi (tensor parallel + two pinned workers; needs 2 GPUs) | bench-0.6b | bench-8b
+# | kernel (bench/ingraph_kernel.py: the in-graph op alone per mode; KERNEL_ARGS replaces its arguments)
 # | job-throughput (bench/job_throughput.py: the real service on the embedded default against the engine
 # alone; JOB_SHAPE=qwen3-8b by default, JOB_BENCH_ARGS replaces its arguments, e.g.
 # JOB_BENCH_ARGS="--batch-sizes 16,default --questions 120" for the old default side by side)
@@ -122,7 +123,12 @@ for phase in "$@"; do
       timeout "${BENCH_TIMEOUT:-570}" python3 bench/engine_overhead.py --shape "qwen3-$shape" --dtype bfloat16 \
         --json "$OUT/bench-${card}-qwen3-${shape}-${stamp}.json" ${BENCH_ARGS:-${BENCH[$shape]}} \
         > "$OUT/bench-$shape.log" 2>&1
-      echo "bench $shape rc=$?"; grep -A12 "^config" "$OUT/bench-$shape.log"; tail -3 "$OUT/bench-$shape.log" ;;
+      echo "bench $shape rc=$?"; grep -A40 "^config" "$OUT/bench-$shape.log"; tail -3 "$OUT/bench-$shape.log" ;;
+    kernel)  # the in-graph op alone, per mode, from CUDA graphs (bench/ingraph_kernel.py)
+      export CUDA_VISIBLE_DEVICES=$idx
+      timeout -k 15 "${KERNEL_TIMEOUT:-240}" python3 bench/ingraph_kernel.py \
+        --json "$OUT/ingraph-kernel-${card}-${stamp}.json" ${KERNEL_ARGS:-} > "$OUT/kernel.log" 2>&1
+      echo "kernel rc=$?"; tail -30 "$OUT/kernel.log" ;;
     job-throughput)  # 2 traits personas x 2,400 samples, 128 tokens: ~8 min on an H200 at 8B
       export CUDA_VISIBLE_DEVICES=$idx
       shape=${JOB_SHAPE:-qwen3-8b}
@@ -131,6 +137,6 @@ for phase in "$@"; do
         ${JOB_BENCH_ARGS:---personas 2 --questions 240 --tokens 128 --batch-sizes default --reps 1} \
         > "$OUT/job-throughput-$shape.log" 2>&1
       echo "job-throughput $shape rc=$?"; grep -A8 "^# " "$OUT/job-throughput-$shape.log" ;;
-    *) echo "unknown phase $phase (diag | cleanup | ingraph | parity | multi | bench-0.6b | bench-8b | job-throughput)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (diag | cleanup | ingraph | parity | multi | bench-0.6b | bench-8b | kernel | job-throughput)" >&2; exit 2 ;;
   esac
 done
