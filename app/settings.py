@@ -81,6 +81,10 @@ class EngineSettings(BaseSettings):
     # workers/engine/lanes.py)
     span_personas: bool = True
     memory_slack_mb: int = 512  # GPU memory above baseline tolerated after cleanup
+    # vLLM's steady state after its first real job may exceed the warm-up baseline by this
+    # share (%) of the engine's share of the card, where that is more than the share allows
+    # (workers/runtime.py): vLLM holds CUDA graphs and contexts outside its share
+    memory_steady_pct: float = Field(5.0, ge=0.0, le=100.0)
     # samples of the warm-up stream run before the warm baseline is read (0 = none;
     # None = the engine's max_num_seqs, its prompts filling one step's token budget)
     warmup_prompts: int | None = None

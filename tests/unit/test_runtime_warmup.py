@@ -78,26 +78,35 @@ class _Card:
         return sum(mine) if mine else None
 
 
-def _runtime(monkeypatch, card: _Card, *, per_process: bool):
-    import os
-
-    me = os.getpid()
+def _patch(monkeypatch, card: _Card, *, per_process: bool = True) -> None:
     monkeypatch.setattr(gpu, "memory", card.memory)
     monkeypatch.setattr(gpu, "process_memory",
                         card.process_memory if per_process else lambda _g, _p: None)
     monkeypatch.setattr(gpu, "free_process_memory", lambda: None)
     monkeypatch.setattr(gpu, "wait_for_baseline", _no_wait(gpu.wait_for_baseline))
+
+
+def _runtime(monkeypatch, card: _Card, *, per_process: bool, warm: int = 30 * GB,
+             share: float = 0.5, **engine_settings):
+    """A runtime on ``card`` whose engine holds ``warm`` bytes after its warm-up; the
+    engine's share is ``share`` of the card (0.5: 40 GB of 80)."""
+    import os
+
+    me = os.getpid()
+    _patch(monkeypatch, card, per_process=per_process)
     loads = []
 
     class Engine(_Engine):
         def warm_up(self, n):
-            card.procs[me] = card.procs.get(me, 0) + 30 * GB  # loaded and warmed up
+            card.procs[me] = card.procs.get(me, 0) + warm  # loaded and warmed up
 
         def shutdown(self):
             card.procs[me] = 0
 
     settings = Settings()
-    settings.engine.gpu_memory_utilization = 0.5  # the engine's share: 40 GB of 80
+    settings.engine.gpu_memory_utilization = share
+    for k, v in engine_settings.items():
+        setattr(settings.engine, k, v)
     rt = EngineRuntime(worker_name="w", gpu_index="0", settings=settings,
                        loader=lambda m, d, s: loads.append(m) or Engine([]))
     rt.acquire("tiny:qwen3", "float32")
@@ -141,10 +150,7 @@ def test_the_worker_processs_own_context_counts_beside_the_engines_share(monkeyp
 
     card = _Card()
     me = os.getpid()
-    monkeypatch.setattr(gpu, "memory", card.memory)
-    monkeypatch.setattr(gpu, "process_memory", card.process_memory)
-    monkeypatch.setattr(gpu, "free_process_memory", lambda: None)
-    monkeypatch.setattr(gpu, "wait_for_baseline", _no_wait(gpu.wait_for_baseline))
+    _patch(monkeypatch, card)
     loads = []
 
     class Engine(_Engine):
@@ -181,3 +187,35 @@ def test_other_processes_on_the_card_do_not_restart_the_engine(monkeypatch):
     assert not rt2.per_process
     card2.procs["bench"] = 30 * GB
     assert rt2.cleanup().get("restarted") and len(loads2) == 2
+
+
+def test_steady_state_above_the_share_as_vllm_holds_it_on_an_h200(monkeypatch):
+    """The H200 reading (8B shape, share 0.42 of 140 GB: 58.8 GB): the warm-up baseline is
+    already above the share (CUDA graphs and contexts outside it), and a real job adds
+    1.5 GB. A small first job that comes back clean does not use up the one baseline raise;
+    the real job's steady state within the share's 5 % becomes the baseline; growth past
+    that is a leak and restarts."""
+    card = _Card()
+    card.total = 140 * GB
+    rt, loads, me = _runtime(monkeypatch, card, per_process=True, warm=64 * GB, share=0.42)
+    events = []
+    sink = lambda k, d: events.append(k)  # noqa: E731
+    assert rt.cleanup(on_event=sink)["clean"] and not events  # the small cold job
+    card.procs[me] += int(1.5 * GB)  # the first real job: vLLM's steady state
+    figures = rt.cleanup(on_event=sink)
+    assert figures["clean"] and figures["baseline_raised"] and loads == ["tiny:qwen3"]
+    assert figures["budget"] == 64 * GB + int(int(0.42 * 140 * GB) * 0.05)
+    assert rt.cleanup()["clean"] and loads == ["tiny:qwen3"]  # the next jobs: same engine
+    card.procs[me] += 1 * GB  # grows again: a leak
+    figures = rt.cleanup(on_event=sink)
+    assert figures.get("restarted") and figures["budget"] and len(loads) == 2
+    assert events == ["memory_baseline", "engine_restart", "engine_loaded"]
+
+
+def test_no_steady_allowance_restarts_on_any_growth_above_the_share(monkeypatch):
+    """memory_steady_pct 0: a warm-up baseline above the share leaves no room, as before."""
+    card = _Card()
+    rt, loads, me = _runtime(monkeypatch, card, per_process=True, warm=42 * GB,
+                             memory_steady_pct=0.0)
+    card.procs[me] += 1 * GB
+    assert rt.cleanup().get("restarted") and len(loads) == 2
