@@ -199,7 +199,7 @@ def test_steady_state_above_the_share_as_vllm_holds_it_on_an_h200(monkeypatch):
     card.total = 140 * GB
     rt, loads, me = _runtime(monkeypatch, card, per_process=True, warm=64 * GB, share=0.42)
     events = []
-    sink = lambda k, d: events.append(k)  # noqa: E731
+    sink = lambda k, d: events.append(k)
     assert rt.cleanup(on_event=sink)["clean"] and not events  # the small cold job
     card.procs[me] += int(1.5 * GB)  # the first real job: vLLM's steady state
     figures = rt.cleanup(on_event=sink)
