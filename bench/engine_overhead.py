@@ -145,6 +145,12 @@ def main(argv=None) -> dict:
     p.add_argument("--ingraph-share", type=float, default=None,
                    help="the in-graph engine's share (default: --gpu-memory-utilization)")
     p.add_argument("--prefix-caching", action="store_true")
+    p.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=False,
+                   help="detokenize the outputs, in every engine alike (default: off). A "
+                   "random-weight model emits one token over and over, and which one depends on "
+                   "the steering: a byte token that is not valid UTF-8 alone costs the "
+                   "incremental detokenizer ~15x a plain one per step (measured with the "
+                   "shapes' tokenizer), which made steered rows look slower than the op is")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--shape", choices=sorted(SHAPES),
                    help="a real model's shape with random weights (implies --dummy)")
@@ -218,7 +224,8 @@ def main(argv=None) -> dict:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(10, max(11, vocab - 1), args.prompt_len).tolist()
                    for _ in range(args.prompts)]
-        opts = SamplingOptions(max_tokens=args.tokens, ignore_eos=True)
+        opts = SamplingOptions(max_tokens=args.tokens, ignore_eos=True,
+                               detokenize=args.detokenize)
         wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
         modes = {k: v for k, v in _modes(eng, len(prompts)).items() if k in wanted}
         total = len(prompts) * (args.prompt_len + args.tokens)
@@ -226,11 +233,13 @@ def main(argv=None) -> dict:
         cap = RequestSpec(capture=CaptureSpec())
         seq_tokens = sum(len(s) for s in seqs)
 
-        def run_compiled(llm) -> None:
+        def run_compiled(llm) -> list[list[int]]:
             from vllm import SamplingParams
 
-            sp = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0)
-            llm.generate([{"prompt_token_ids": q} for q in prompts], sp, use_tqdm=False)
+            sp = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0,
+                                detokenize=args.detokenize)
+            outs = llm.generate([{"prompt_token_ids": q} for q in prompts], sp, use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs]
 
         def run_capture(batched: bool) -> float:
             t = time.perf_counter()
@@ -254,11 +263,13 @@ def main(argv=None) -> dict:
                 label = "plain_eager" if name == "plain" else name
                 if sp != "eager":
                     label = f"{sp}_plain" if name == "plain" else f"{sp}_{name}"
-                runs[label] = (lambda specs=specs, e=e: e.generate(prompts, opts, specs))
+                runs[label] = (lambda specs=specs, e=e: [
+                    r.token_ids for r in e.generate(prompts, opts, specs)])
         owner = {label: e for label, e in ((lbl, _engine_of(lbl, engines)) for lbl in runs)
                  if e is not None}
-        for fn in runs.values():  # warm-up
-            fn()
+        tokens = {}  # what each mode generated: detokenizing costs differ by token
+        for name, fn in runs.items():  # warm-up
+            tokens[name] = _token_summary(fn(), eng.tokenizer)
         if args.capture_modes:
             run_capture(True)
             run_capture(False)
@@ -290,6 +301,7 @@ def main(argv=None) -> dict:
                 args.json.write_text(json.dumps({"partial": True, "start_s": start_s, "raw": rates,
                                                  "phases": phases, "gpu": gpu}, indent=2))
         info = {"model": args.model, "shape": args.shape, "path": path, "paths": paths,
+                "detokenize": args.detokenize, "generated_tokens": tokens,
                 "max_num_seqs": common.get("max_num_seqs"),
                 "load_format": load_format, "dtype": args.dtype, "layers": eng.num_layers,
                 "hidden": eng.hidden_size, "runner": eng.runner_kind, "prompts": args.prompts,
@@ -316,6 +328,16 @@ def main(argv=None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _token_summary(outs: list[list[int]], tokenizer) -> dict:
+    """The distinct tokens a run generated (the most common first) and how they decode."""
+    from collections import Counter
+
+    common = Counter(t for ids in outs for t in ids).most_common(3)
+    return {"distinct": len({t for ids in outs for t in ids}),
+            "top": [[t, n, tokenizer.convert_ids_to_tokens(t) if t < len(tokenizer) else None]
+                    for t, n in common]}
 
 
 def _engine_of(label: str, engines: dict):
@@ -379,6 +401,8 @@ def _print(result: dict) -> None:
               f"{_ratio(r, 'ratio_vs_plain_eager'):>8}{_ratio(r, 'ratio_vs_plain_compiled'):>10}"
               f"{_ratio(r, 'ratio_vs_plain_compiled_v1_sync'):>9}"
               + (f"  (batched / one at a time: {last})" if last else ""))
+    for name, tk in info.get("generated_tokens", {}).items():
+        print(f"  {name} tokens: {tk['distinct']} distinct, most common {tk['top']}")
     for name, g in result.get("gpu", {}).items():  # a ratio that moves with the clock
         print(f"  {name} GPU: " + ", ".join(f"{k} {v:.0f}" for k, v in g.items()))
     for name, ph in result.get("phases", {}).items():

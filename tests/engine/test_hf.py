@@ -9,6 +9,8 @@ missing pad mask, a row steered twice) moves values by O(1).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -169,3 +171,10 @@ def test_stops_on_eos_and_reports_reason(backend):
     assert res.capture.counts["response"] == 0 and "response" not in res.capture.means
     assert backend.generate(PROMPTS[:1], SamplingOptions(max_tokens=2, ignore_eos=True))[0] \
         .finish_reason == "length"
+
+
+def test_detokenize_off_gives_the_same_tokens_and_no_text(backend):
+    on = backend.generate(PROMPTS[:2], OPTS)
+    off = backend.generate(PROMPTS[:2], dataclasses.replace(OPTS, detokenize=False))
+    assert any(r.text for r in on)
+    assert [r.token_ids for r in off] == [r.token_ids for r in on] and all(r.text == "" for r in off)

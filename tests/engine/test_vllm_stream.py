@@ -154,3 +154,18 @@ def test_warm_up_streams_at_the_engines_maxima_and_leaves_it_serving(eng):
     eng.warm_up(16)  # 16 samples filling the 64-token step budget, sampled, then re-read
     after = eng.generate(prompts[:3], opts, specs[:3])
     assert [a.token_ids for a in after] == [b.token_ids for b in before]
+
+
+def test_detokenize_off_gives_the_same_tokens_and_no_text(eng):
+    """SamplingOptions(detokenize=False) (bench/engine_overhead.py measures the engine without
+    the detokenizer): the same token ids and captures, text left empty."""
+    prompts, specs, _ = _inputs(eng)
+    on = eng.generate(prompts[:4], SamplingOptions(max_tokens=6, ignore_eos=True), specs[:4])
+    off = eng.generate(prompts[:4], SamplingOptions(max_tokens=6, ignore_eos=True,
+                                                    detokenize=False), specs[:4])
+    assert any(r.text for r in on)
+    for a, b in zip(on, off):
+        assert b.token_ids == a.token_ids and b.text == ""
+        if a.capture is not None:
+            for span, mean in a.capture.means.items():
+                _close(b.capture.means[span], mean, f"{a.key} {span} without detokenizing")

@@ -397,7 +397,7 @@ class SteeringEngine:
 
         kw = {"max_tokens": max_tokens or options.max_tokens, "temperature": options.temperature,
                   "top_p": options.top_p, "seed": options.seed, "ignore_eos": options.ignore_eos,
-                  "stop_token_ids": list(options.stop_token_ids)}
+                  "stop_token_ids": list(options.stop_token_ids), "detokenize": options.detokenize}
         if options.choices:
             from vllm.sampling_params import StructuredOutputsParams
 

@@ -312,7 +312,8 @@ class HFBackend:
             out = self._forward(live, step_ids, decode_pos=decode_pos, attn=attn, cache=cache)
         return [GenResult(key=s.key if s else None, prompt_token_ids=list(ids),
                           token_ids=out_ids[b],
-                          text=self.tokenizer.decode(out_ids[b], skip_special_tokens=True),
+                          text=self.tokenizer.decode(out_ids[b], skip_special_tokens=True)
+                          if options.detokenize else "",
                           finish_reason=finish[b],
                           capture=self._finish(reqs[b]) if reqs[b] is not None else None,
                           hook_calls=reqs[b].hook_calls if reqs[b] is not None else 0)

@@ -284,3 +284,7 @@ class SamplingOptions:
     # Restrict the reply to one of these strings (vLLM structured outputs): the judge pool's
     # scale. The transformers backend cannot, and refuses a request that asks.
     choices: tuple[str, ...] | None = None
+    # False: token ids only, ``text`` left empty. For measuring the engine: the cost of
+    # detokenizing depends on which tokens come out (a random-weight model steered into
+    # byte tokens that are not valid UTF-8 alone costs ~15x per token; bench/engine_overhead.py)
+    detokenize: bool = True
