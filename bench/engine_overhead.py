@@ -148,9 +148,10 @@ def main(argv=None) -> dict:
     p.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=False,
                    help="detokenize the outputs, in every engine alike (default: off). A "
                    "random-weight model emits one token over and over, and which one depends on "
-                   "the steering: a byte token that is not valid UTF-8 alone costs the "
-                   "incremental detokenizer ~15x a plain one per step (measured with the "
-                   "shapes' tokenizer), which made steered rows look slower than the op is")
+                   "the steering: with the shapes' 512-token tokenizer a lone byte that is not a "
+                   "whole character, or an id past the tokenizer, costs vLLM's detokenizer "
+                   "16-23x a printable token over 128 steps (bench/detokenize_cost.py), so a steered row could "
+                   "differ from plain by its tokens' decoding, not by the op")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--shape", choices=sorted(SHAPES),
                    help="a real model's shape with random weights (implies --dummy)")

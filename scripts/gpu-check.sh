@@ -52,17 +52,33 @@
 #      --reps 1" bash scripts/gpu-check.sh job-throughput                                           (459 s)
 #   INGRAPH_K=bfloat16 INGRAPH_TIMEOUT=400 bash scripts/gpu-check.sh ingraph                         (215 s)
 #   the bench-8b above again with --modes plain,capture_all_layers,steer_all_layers --reps 4       (331 s)
+# Stop 26 (one H200, 1,756 s of device time of 1,800; each after the unpack call):
+#   KERNEL_TIMEOUT=150 bash scripts/gpu-check.sh kernel; BENCH_TIMEOUT=400 BENCH_ARGS="--paths \
+#      ingraph_async --modes plain,steer_1_layer,steer_all_layers,steer_all_zero --no-capture-modes \
+#      --prompts 288 --prompt-len 256 --tokens 128 --reps 3 --gpu-memory-utilization 0.45 \
+#      --compiled-share 0.45" bash scripts/gpu-check.sh bench-8b                                  (344 s)
+#   JOB_SHAPE=qwen3-8b JOB_BENCH_ARGS="--personas 2 --questions 120 --tokens 128 --batch-sizes default \
+#      --reps 2" bash scripts/gpu-check.sh job-throughput                                         (487 s)
+#   BENCH_TIMEOUT=210 ... bench-0.6b (the four gated modes, --reps 3: 1 rep in 210 s, partial);
+#      BENCH_TIMEOUT=330 ... bench-8b (the four gated modes, --reps 3)                            (511 s)
+#   BENCH_TIMEOUT=230 ... bench-0.6b --modes plain,steer_all_layers --reps 2: no rep in 230 s  (234 s)
+#   The 0.6B phase needs ~300 s for 2 modes and 2 reps: give it a call of its own.
 # Still to run (issues #14/#15, one H200, each after the unpack call), in this order:
-#   1. the job run above with --reps 2 (spreads; 0 engine restarts expected now that the bench waits
-#      for the worker's cleanup before loading its own engine; each start's KV cache is in the JSON);
-#   2. steering at all layers (0.86-0.93x over five runs): BENCH_ARGS as above with
-#      --modes plain,steer_1_layer,steer_all_layers (per layer or per request?), then a profile;
-#   3. BENCH_TIMEOUT=300 BENCH_ARGS="--paths ingraph_async --modes plain,capture_all_layers,\
-#      steer_all_layers,mixed_8_specs --no-capture-modes --prompts 768 --prompt-len 256 --tokens 128 \
-#      --reps 3" bash scripts/gpu-check.sh bench-0.6b;
+#   1. the 8B job run above (--personas 2 --reps 2): 0 engine restarts expected with the steady-state
+#      budget (0c02553); each job's memory_baseline / engine_restart events are in the JSON;
+#   2. the 8B bench with the four gated modes, now without the detokenizer (the default since
+#      7c3d27a) and with each mode's generated tokens recorded: BENCH_TIMEOUT=400 BENCH_ARGS="--paths \
+#      ingraph_async --modes plain,capture_all_layers,steer_all_layers,mixed_8_specs,steer_all_zero \
+#      --no-capture-modes --prompts 288 --prompt-len 256 --tokens 128 --reps 3 \
+#      --gpu-memory-utilization 0.45 --compiled-share 0.45" bash scripts/gpu-check.sh bench-8b;
+#   3. the 0.6B bench alone in a call: BENCH_TIMEOUT=540 BENCH_ARGS="--paths ingraph_async --modes \
+#      plain,capture_all_layers,steer_all_layers,mixed_8_specs --no-capture-modes --prompts 768 \
+#      --prompt-len 256 --tokens 128 --reps 2" bash scripts/gpu-check.sh bench-0.6b;
 #   4. JOB_SHAPE=qwen3-32b with "--personas 2 --questions 120 --tokens 128 --batch-sizes default
 #      --reps 1 --sequential --cold-samples 32".
 #   On nvidia-h200-x2 when lent: multi (TP=2 against TP=1 on the eager hooks and in-graph).
+# The unpack call carries .gpu-stage/a (64.0 MB) with the working tree: at 2.9 MB tracked the two are
+# just past the 64 MiB a call may carry; docs/ui-job.png was moved aside for that call this stop.
 # .gpu-stage/c holds this project's own Python deps as py3.12 wheels (scripts/gpu-stage-deps.sh).
 # Logs, junit XML, gpu-figures.jsonl and the bench JSON go to $OUT (the device tool brings them
 # back); the bench JSON belongs in bench/results/.

@@ -285,6 +285,6 @@ class SamplingOptions:
     # scale. The transformers backend cannot, and refuses a request that asks.
     choices: tuple[str, ...] | None = None
     # False: token ids only, ``text`` left empty. For measuring the engine: the cost of
-    # detokenizing depends on which tokens come out (a random-weight model steered into
-    # byte tokens that are not valid UTF-8 alone costs ~15x per token; bench/engine_overhead.py)
+    # detokenizing depends on which tokens come out (bench/detokenize_cost.py: a lone byte
+    # that is not a whole character costs vLLM's detokenizer ~16x a printable token)
     detokenize: bool = True
