@@ -159,10 +159,11 @@ def _after_cleanup(job_id: str, worker, timeout_s: float = 600.0) -> list[dict]:
     A job is marked succeeded before its worker frees the job's memory and checks it against
     the warm baseline (``EngineRuntime.cleanup``; the ``cleanup`` event comes after it, a
     restart included). Where NVML reads the whole device (a container's PID namespace hides
-    the worker's processes), the bench loading its own engine in that window reads as memory
-    the worker's engine kept, and restarts it: the 2026-12-01 and 2026-12-06 H200 runs each
-    logged one restart after the cold job. Without GPU readings no ``cleanup`` event is
-    recorded and there is nothing to wait for."""
+    the worker's processes), the bench loading its own engine in that window would read as
+    memory the worker's engine kept. (The restarts the H200 runs logged were not that: the
+    20261206T2244Z run read per process and still restarted after each job, because the
+    engine's budget lay below its warm-up baseline; see ``workers/runtime.py``.) Without GPU
+    readings no ``cleanup`` event is recorded and there is nothing to wait for."""
     from sqlalchemy import select
 
     from app.db import session_scope
