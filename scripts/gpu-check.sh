@@ -76,6 +76,11 @@
 #      --prompt-len 256 --tokens 128 --reps 2" bash scripts/gpu-check.sh bench-0.6b;
 #   4. JOB_SHAPE=qwen3-32b with "--personas 2 --questions 120 --tokens 128 --batch-sizes default
 #      --reps 1 --sequential --cold-samples 32".
+#   When little device time is left, item 1 at the 0.6B shape checks the same budget rule in ~4 min:
+#   JOB_TIMEOUT=300 JOB_SHAPE=qwen3-0.6b JOB_BENCH_ARGS="--personas 2 --questions 60 --tokens 128
+#   --batch-sizes default --reps 2" (the worker's log comes back as job-throughput-*-worker.log).
+#   Stop 27 ran none of these: 17 starts (nvidia-h200 and nvidia-h100-x1, 01:36-03:01Z) got no
+#   machine, at 1,441 s of the session's 1,800 s of device time.
 #   On nvidia-h200-x2 when lent: multi (TP=2 against TP=1 on the eager hooks and in-graph).
 # The unpack call carries .gpu-stage/a (64.0 MB) with the working tree: at 2.9 MB tracked the two are
 # just past the 64 MiB a call may carry; docs/ui-job.png was moved aside for that call this stop.
@@ -148,11 +153,17 @@ for phase in "$@"; do
     job-throughput)  # 2 traits personas x 2,400 samples, 128 tokens: ~8 min on an H200 at 8B
       export CUDA_VISIBLE_DEVICES=$idx
       shape=${JOB_SHAPE:-qwen3-8b}
-      timeout -k 15 585 python3 bench/job_throughput.py --shape "$shape" \
+      timeout -k 15 "${JOB_TIMEOUT:-585}" python3 bench/job_throughput.py --shape "$shape" \
         --json "$OUT/job-throughput-${card}-${shape}-${stamp}.json" \
         ${JOB_BENCH_ARGS:---personas 2 --questions 240 --tokens 128 --batch-sizes default --reps 1} \
         > "$OUT/job-throughput-$shape.log" 2>&1
-      echo "job-throughput $shape rc=$?"; grep -A8 "^# " "$OUT/job-throughput-$shape.log" ;;
+      echo "job-throughput $shape rc=$?"; grep -A8 "^# " "$OUT/job-throughput-$shape.log"
+      # The worker's own log: its memory_baseline / engine restart lines, even from a run cut short
+      wlog=$(sed -n 's/^worker log: //p' "$OUT/job-throughput-$shape.log" | head -1)
+      if [ -n "$wlog" ] && [ -f "$wlog" ]; then
+        cp "$wlog" "$OUT/job-throughput-$shape-worker.log"
+        grep -E "baseline|restart" "$wlog" | tail -12
+      fi ;;
     *) echo "unknown phase $phase (diag | cleanup | ingraph | parity | multi | bench-0.6b | bench-8b | kernel | job-throughput)" >&2; exit 2 ;;
   esac
 done
