@@ -79,8 +79,8 @@
 #   When little device time is left, item 1 at the 0.6B shape checks the same budget rule in ~4 min:
 #   JOB_TIMEOUT=300 JOB_SHAPE=qwen3-0.6b JOB_BENCH_ARGS="--personas 2 --questions 60 --tokens 128
 #   --batch-sizes default --reps 2" (the worker's log comes back as job-throughput-*-worker.log).
-#   Stop 27 ran none of these: 17 starts (nvidia-h200 and nvidia-h100-x1, 01:36-03:01Z) got no
-#   machine, at 1,441 s of the session's 1,800 s of device time.
+#   Stop 27 ran none of these: 19 starts (nvidia-h200 and nvidia-h100-x1, 01:36-03:08Z) got no
+#   machine, at 1,546 s of the session's 1,800 s of device time.
 #   On nvidia-h200-x2 when lent: multi (TP=2 against TP=1 on the eager hooks and in-graph).
 # The unpack call carries .gpu-stage/a (64.0 MB) with the working tree: at 2.9 MB tracked the two are
 # just past the 64 MiB a call may carry; docs/ui-job.png was moved aside for that call this stop.
