@@ -499,9 +499,10 @@ def _cancel_queued_items(session: Session, job_id: str, worker: str | None) -> N
 
 def finish_job_if_done(session: Session, *, job_id: str,
                        manifest_key: str | None = None) -> Job | None:
-    """End the job when no item is left to run: succeeded, failed (with the first failed
-    item's kind), or cancelled. Returns the finished job, or None if it is not done (or
-    someone else finished it first)."""
+    """End the job when no item is left to run: succeeded (only with ``manifest_key``: the
+    manifest is written before the job succeeds), failed (with the first failed item's kind),
+    or cancelled. Returns the finished job, or None if it is not done, if it would succeed
+    without a manifest, or if someone else finished it first."""
     job = get_job(session, job_id=job_id)
     if job.state not in JOB_ACTIVE:
         return None
@@ -528,10 +529,15 @@ def finish_job_if_done(session: Session, *, job_id: str,
         kw["failure_kind"] = failed[0].failure_kind or FailureKind.ERROR
         kw["error"] = f"{len(failed)} of {job.items_total} personas failed: " + "; ".join(
             f"{i.persona} ({i.failure_kind}: {(i.error or '')[:200]})" for i in failed[:5])
+    elif manifest_key is None:
+        # Every item succeeded, but this caller wrote no manifest: it read the items before
+        # the last one finished, and the worker that finished it is writing the manifest now.
+        # Only that write may end the job (a succeeded job always has its manifest); should
+        # it die first, the reconciler's finish_stranded writes it.
+        return None
     else:
         to = JobState.SUCCEEDED
-        if manifest_key is not None:
-            kw["values"] = {"manifest_key": manifest_key}
+        kw["values"] = {"manifest_key": manifest_key}
     try:
         if job.state == JobState.QUEUED.value and to is JobState.SUCCEEDED:
             transition_job(session, job_id=job.id, to=JobState.RUNNING, message="all items done")

@@ -70,7 +70,7 @@ def _check_exactly_once(factory, job_id, claimed: dict[str, list[int]]) -> None:
             owner = next(w for w, ids in claimed.items() if item.id in ids)
             assert item.artifact_key == f"k/{item.id}"
             assert any(e.worker == owner for e in claims if e.item_id == item.id)
-        job = jobs.finish_job_if_done(s, job_id=job_id)
+        job = jobs.finish_job_if_done(s, job_id=job_id, manifest_key="k/manifest.json")
         assert job is not None and job.state == "succeeded" and job.items_done == len(items)
 
 
@@ -141,5 +141,6 @@ def test_stale_worker_cannot_complete_after_takeover(pg_url):
                            artifact_key="good", artifact_sha256="2" * 64)
     with session_scope(factory) as s:
         assert s.get(JobItem, item_id).artifact_key == "good"
-        assert jobs.finish_job_if_done(s, job_id=job_id).state == "succeeded"
+        assert jobs.finish_job_if_done(s, job_id=job_id,
+                                       manifest_key="k/manifest.json").state == "succeeded"
     engine.dispose()

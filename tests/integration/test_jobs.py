@@ -63,6 +63,11 @@ def test_lifecycle_to_succeeded(factory):
         assert p["items"][0]["samples_done"] == 3 and p["items"][0]["samples_total"] == 8
     _complete(factory, claims[2])
     with session_scope(factory) as s:
+        # a worker that read the items before the last one finished writes no manifest: it
+        # must not end the job, or the job would read succeeded before the manifest is stored
+        assert jobs.finish_job_if_done(s, job_id=job_id) is None
+        assert jobs.get_job(s, job_id=job_id).state == "running"
+    with session_scope(factory) as s:
         job = jobs.finish_job_if_done(s, job_id=job_id, manifest_key="a/manifest.json")
         assert job.state == "succeeded" and job.items_done == 3 and job.items_failed == 0
         assert job.manifest_key == "a/manifest.json"
@@ -105,7 +110,8 @@ def test_failure_then_retry_keeps_succeeded_items(factory):
     assert _claim(factory, job_id) is None
     _complete(factory, again)
     with session_scope(factory) as s:
-        assert jobs.finish_job_if_done(s, job_id=job_id).state == "succeeded"
+        assert jobs.finish_job_if_done(s, job_id=job_id,
+                                       manifest_key="a/manifest.json").state == "succeeded"
         with pytest.raises(InvalidTransition):
             jobs.retry_job(s, job_id=job_id)
 
@@ -154,7 +160,7 @@ def test_cancel_finished_job_is_refused(factory):
     job_id = _submit(factory, personas=["a"])
     _complete(factory, _claim(factory, job_id))
     with session_scope(factory) as s:
-        jobs.finish_job_if_done(s, job_id=job_id)
+        jobs.finish_job_if_done(s, job_id=job_id, manifest_key="a/manifest.json")
     with pytest.raises(InvalidTransition, match="succeeded"), session_scope(factory) as s:
         jobs.request_cancel(s, job_id=job_id)
 

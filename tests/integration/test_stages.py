@@ -66,7 +66,7 @@ def test_claims_follow_the_chain_and_run_to_the_end(factory):
                                                                  or x[1] == persona)]
             assert all(pos[d] < pos[(stage, persona)] for d in deps), (stage, persona, dep)
     with session_scope(factory) as s:
-        job = jobs.finish_job_if_done(s, job_id=job_id)
+        job = jobs.finish_job_if_done(s, job_id=job_id, manifest_key="k/manifest.json")
         assert job.state == "succeeded"
         p = jobs.progress(s, job_id=job_id)
     assert p["stages"]["judge"]["items"] == 2 and p["stages"]["judge"]["succeeded"] == 2
