@@ -104,6 +104,10 @@ def test_a_pipeline_job_records_failed_loads_like_a_single_stage_job(db, request
     monkeypatch.setenv("CHATSPACE_DATABASE_URL", url)
     monkeypatch.setenv("CHATSPACE_ENGINE_BACKEND", "hf")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import (an earlier test imported it): the
+    # constant too, or each load waits out the hub's retries (5 x 60 s where the hub's host
+    # neither answers nor refuses)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     get_settings.cache_clear()
     upgrade(url)
     model = "org/no-such-model"
