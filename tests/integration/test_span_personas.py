@@ -219,7 +219,10 @@ def test_steered_rollout_spanning_personas_equals_a_drained_one(services, monkey
     assert h.wait_for(capture_id, log_dir=logs, worker=procs[-1])["state"] == "succeeded"
     steer = [{"op": "add", "layer": 2, "scale": 4.0,
               "from": {"job_id": capture_id, "vector": "pos_neg"}}]
-    params = {"max_samples": 8, "max_tokens": 16, "batch_size": None, "steer": steer}
+    # Each next persona reads its own vector from the capture job's artifact before its first
+    # sample enters (~0.1 s here, more on a loaded machine). At 16 tokens a persona stayed in
+    # the engine 0.2 s (CI once saw no pair overlap); at 96 it stays ~0.75 s.
+    params = {"max_samples": 8, "max_tokens": 96, "batch_size": None, "steer": steer}
 
     def responses(job_id):
         row = h.wait_for(job_id, log_dir=logs, worker=procs[-1], timeout=300)
@@ -230,7 +233,7 @@ def test_steered_rollout_spanning_personas_equals_a_drained_one(services, monkey
                      for i in row["items"]}
 
     row, spanned = responses(h.submit("rollout", params))
-    assert _overlaps(row, strict=False)
+    assert _overlaps(row, strict=False), _streams(row)
     h.stop(procs.pop())
     monkeypatch.setenv("CHATSPACE_ENGINE_SPAN_PERSONAS", "0")
     procs.append(h.start_worker("span-roll-off", logs))
