@@ -29,13 +29,16 @@ per sample (every file the job wrote, over its samples). Results JSON under benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -348,6 +351,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     gpus = gpu.visible_gpus()
     log_file = open(log_path, "ab")  # noqa: SIM115 - the worker writes it until the end
+    terminated = _exit_on_sigterm()
     worker = spawn_worker(name="job-bench", gpu_index=gpus[0] if gpus else None, model=model,
                           dtype=args.dtype, stdout=log_file, stderr=subprocess.STDOUT)
     sizes = [s.strip() for s in args.batch_sizes.split(",") if s.strip()]
@@ -392,9 +396,11 @@ def main(argv=None) -> dict:
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
                 f"{k} {v[-1]['samples_per_s']:.2f}/s" for k, v in runs.items()), flush=True)
     finally:
+        # the worker first: it is in a session of its own, so nothing else ends it (a run cut
+        # short by `timeout` leaves ~15 s before SIGKILL: a short grace, then its whole group)
+        _stop(worker, grace_s=10 if terminated.is_set() else 120)
         if eng is not None:
             eng.shutdown()
-        _stop(worker)
         sampler.stop()
     result = _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0)
     result["worker_engine"] = _engine_starts(log_path)
@@ -407,14 +413,34 @@ def main(argv=None) -> dict:
     return result
 
 
-def _stop(worker) -> None:
+def _exit_on_sigterm() -> threading.Event:
+    """SIGTERM (``timeout`` ending a run) raises SystemExit, so ``main``'s ``finally`` stops
+    the spawned worker and its engine instead of leaving them holding the GPU; the returned
+    event tells that it came."""
+    came = threading.Event()
+
+    def handler(signum, _frame):
+        if came.is_set():  # `timeout` signals the bench and then its group: once is enough,
+            return  # and a second raise would cut the cleanup itself short
+        came.set()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return came
+
+
+def _stop(worker, *, grace_s: float = 120) -> None:
+    """SIGTERM the worker (a warm shutdown), then SIGKILL its process group (the worker and
+    its engine's processes) if it is still there after ``grace_s``."""
     if worker.poll() is not None:
         return
     worker.terminate()
     try:
-        worker.wait(120)
-    except Exception:  # noqa: BLE001
-        worker.kill()
+        worker.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(30)
 
 
 def _result(args, env, model, cold, runs, engine_start_s, sampler, samples, t0) -> dict:
