@@ -80,7 +80,10 @@
 #   JOB_TIMEOUT=300 JOB_SHAPE=qwen3-0.6b JOB_BENCH_ARGS="--personas 2 --questions 60 --tokens 128
 #   --batch-sizes default --reps 2" (the worker's log comes back as job-throughput-*-worker.log).
 #   Stop 27 ran none of these: 19 starts (nvidia-h200 and nvidia-h100-x1, 01:36-03:08Z) got no
-#   machine, at 1,546 s of the session's 1,800 s of device time.
+#   machine, at 1,546 s of the session's 1,800 s of device time. Stop 28 began with 255 s left: no
+#   call (a fresh start plus the unpack call leave no room for any run).
+#   A job-throughput run cut short by JOB_TIMEOUT now stops its worker too (11f3a60: SIGTERM ->
+#   SystemExit, 10 s grace, then SIGKILL to the worker's group), so the next call finds the GPU free.
 #   On nvidia-h200-x2 when lent: multi (TP=2 against TP=1 on the eager hooks and in-graph).
 # The unpack call carries .gpu-stage/a (64.0 MB) with the working tree: at 2.9 MB tracked the two are
 # just past the 64 MiB a call may carry; docs/ui-job.png was moved aside for that call this stop.
